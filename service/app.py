@@ -1,0 +1,46 @@
+"""The FastAPI application: wires settings, runtime and routers. No logic of its own."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from service import errors
+from service.limits import GuardMiddleware
+from service.routers import admin, chat, feedback, health, models
+from service.runtime import Runtime, build_runtime
+from service.serving_chat import ChatService
+from service.serving_feedback import FeedbackService
+from thumbtune.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. `runtime` lets tests share one loaded model between app instances."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or await anyio.to_thread.run_sync(build_runtime, settings)
+        app.state.runtime = rt
+        app.state.chat = ChatService(rt)
+        app.state.feedback = FeedbackService(rt)
+        try:
+            yield
+        finally:
+            if runtime is None:  # a runtime handed in belongs to the caller
+                await anyio.to_thread.run_sync(rt.close)
+
+    app = FastAPI(title="thumbtune", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible chat that learns from its users' ratings.")
+    app.state.settings = settings
+    errors.install(app)
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    for module in (chat, feedback, models, health, admin):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,46 @@
+"""API-key and admin-token checks, as FastAPI dependencies (tests override them, not monkey-patch)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import Request
+
+from service.errors import APIError
+from thumbtune.settings import Settings
+
+
+def key_id(key: str) -> str:
+    """The id events carry for an API key: a sha256 prefix, never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def api_key_id(request: Request) -> str | None:
+    """Dependency: None when the server has no API keys, else the caller's key id (401 otherwise)."""
+    settings: Settings = request.app.state.settings
+    if not settings.api_key_values:
+        return None
+    token = _bearer(request)
+    if token is None:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in settings.api_key_values):
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+    return key_id(token)
+
+
+def require_admin(request: Request) -> None:
+    settings: Settings = request.app.state.settings
+    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+        raise APIError(403, "admin routes are disabled: set THUMBTUNE_ADMIN_TOKEN to enable them",
+                       code="admin_disabled")
+    token = _bearer(request) or ""
+    if not hmac.compare_digest(token.encode(), settings.admin_token.get_secret_value().encode()):
+        raise APIError(401, "admin routes need 'Authorization: Bearer <THUMBTUNE_ADMIN_TOKEN>'",
+                       code="invalid_admin_token")

@@ -1,0 +1,194 @@
+"""OpenAI-compatible request and response models, plus thumbtune's feedback API. Models only.
+
+Limits that do not depend on settings are declared here, so bad input is refused by
+validation with a message naming the field. Settings-dependent limits (max_tokens cap,
+message count, context window) are checked in service.serving_chat.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ChatMessage:
+        if not self.text.strip():
+            raise ValueError(f"{self.role} message content must not be empty")
+        return self
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Unknown OpenAI parameters are ignored, as many servers do; the ones that would change
+    # the meaning of the answer if ignored are refused below.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=128)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=4)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=0, description="Only 0 is supported.")
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s or len(s) > 64 for s in stops):
+            raise ValueError("stop sequences must be 1 to 64 characters")
+        return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
+    response_id: str = Field(description="thumbtune extension: the id to rate this answer with.")
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+    adapter_version: str = Field(description="thumbtune extension: the adapter version that answered.")
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+    response_id: str
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "thumbtune"
+    root: str
+    adapter_version: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class FeedbackRequest(BaseModel):
+    """One of: {response_id, thumb}, {response_id, rating}, {chosen, rejected}; optional comment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str | None = Field(default=None, min_length=1, max_length=128)
+    thumb: Literal["up", "down"] | None = None
+    rating: int | None = Field(default=None, ge=1, le=5)
+    chosen: str | None = Field(default=None, min_length=1, max_length=128)
+    rejected: str | None = Field(default=None, min_length=1, max_length=128)
+    comment: str | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FeedbackRequest:
+        single = self.response_id is not None
+        pair = self.chosen is not None or self.rejected is not None
+        if single == pair:
+            raise ValueError("give either response_id with thumb or rating, or chosen and rejected")
+        if single and (self.thumb is None) == (self.rating is None):
+            raise ValueError("give exactly one of thumb ('up' or 'down') or rating (1 to 5)")
+        if pair:
+            if self.chosen is None or self.rejected is None:
+                raise ValueError("a choice needs both chosen and rejected response ids")
+            if self.chosen == self.rejected:
+                raise ValueError("chosen and rejected must be two different answers")
+            if self.thumb is not None or self.rating is not None:
+                raise ValueError("a choice takes no thumb or rating")
+        return self
+
+
+class FeedbackAccepted(BaseModel):
+    status: Literal["accepted", "duplicate"]
+    event_ids: list[str]

@@ -1,0 +1,19 @@
+"""POST /v1/feedback: thumbs, 1-5 ratings and choices between two answers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.auth import api_key_id
+from service.protocol import FeedbackAccepted, FeedbackRequest
+from service.serving_feedback import FeedbackService
+
+router = APIRouter()
+
+
+@router.post("/v1/feedback", response_model=FeedbackAccepted, status_code=202)
+def feedback(body: FeedbackRequest, request: Request, key_id: str | None = Depends(api_key_id)) -> JSONResponse:
+    service: FeedbackService = request.app.state.feedback
+    accepted, status = service.submit(body, key_id)
+    return JSONResponse(accepted.model_dump(), status_code=status)

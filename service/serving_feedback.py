@@ -1,0 +1,99 @@
+"""Ratings -> feedback events on thumbtune.feedback.
+
+One rating per answer per API key: the store's ``claim_rating`` makes a repeat idempotent
+(same answer, same event ids, nothing published twice) across replicas. Event ids are
+derived from (response id, key id), so even a retried publish carries the same id and the
+learner deduplicates on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from service import metrics
+from service.errors import APIError
+from service.protocol import FeedbackAccepted, FeedbackRequest
+from service.publisher import SpoolFull
+from service.runtime import Runtime
+from service.store import StoredCompletion
+from thumbtune.contract import FEEDBACK_TOPIC, FeedbackEvent, FeedbackKind
+
+RETRY_AFTER_S = 30
+
+
+def _rating_key(response_id: str, key_id: str | None) -> str:
+    return f"{response_id}|{key_id or '-'}"
+
+
+def event_id_for(response_id: str, key_id: str | None) -> str:
+    return hashlib.sha256(_rating_key(response_id, key_id).encode()).hexdigest()[:32]
+
+
+class FeedbackService:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def _lookup(self, response_id: str, key_id: str | None, param: str) -> StoredCompletion:
+        rec = self.rt.store.get(response_id)
+        # Another key's answer looks exactly like an unknown one: no oracle for other users' ids.
+        if rec is None or rec.api_key_id != key_id:
+            raise APIError(404, f"no answer with id {response_id!r} to rate: unknown, expired, or not yours",
+                           param=param, code="response_not_found")
+        return rec
+
+    def submit(self, req: FeedbackRequest, key_id: str | None) -> tuple[FeedbackAccepted, int]:
+        """Returns the body and the status: 202 for a new rating, 200 for an idempotent repeat."""
+        now = time.time()
+        if req.response_id is not None:
+            rec = self._lookup(req.response_id, key_id, "response_id")
+            kind, value = (FeedbackKind.thumb, req.thumb) if req.thumb else (FeedbackKind.rating, req.rating)
+            events = [rec.to_event(event_id=event_id_for(rec.response_id, key_id), rated_at=now, kind=kind,
+                                   value=value, comment=req.comment)]
+        else:
+            chosen = self._lookup(req.chosen, key_id, "chosen")
+            rejected = self._lookup(req.rejected, key_id, "rejected")
+            if chosen.prompt_token_ids != rejected.prompt_token_ids:
+                raise APIError(400, "chosen and rejected must be two answers to the same prompt",
+                               param="rejected", code="not_a_pair")
+            events = [
+                a.to_event(event_id=event_id_for(a.response_id, key_id), rated_at=now, kind=FeedbackKind.choice,
+                           value=v, comment=req.comment, paired_response_id=b.response_id)
+                for a, b, v in ((chosen, rejected, "chosen"), (rejected, chosen, "rejected"))
+            ]
+        return self._claim_and_publish(events, key_id)
+
+    def _claim_and_publish(self, events: list[FeedbackEvent], key_id: str | None) -> tuple[FeedbackAccepted, int]:
+        store = self.rt.store
+        claimed: list[str] = []
+        for ev in events:
+            key = _rating_key(ev.response_id, key_id)
+            payload = json.dumps({"event_id": ev.event_id, "kind": ev.kind.value, "value": ev.value,
+                                  "pair": ev.paired_response_id})
+            earlier = store.claim_rating(key, payload)
+            if earlier is None:
+                claimed.append(key)
+                continue
+            for k in claimed:
+                store.release_rating(k)
+            first = json.loads(earlier)
+            same = first["kind"] == ev.kind.value and first["value"] == ev.value and first["pair"] == ev.paired_response_id
+            if same and not claimed:
+                metrics.FEEDBACK_DUPLICATES.inc()
+                return FeedbackAccepted(status="duplicate", event_ids=[e.event_id for e in events]), 200
+            raise APIError(409, f"answer {ev.response_id!r} was already rated ({first['kind']}: {first['value']}); "
+                                "a rating is final", code="already_rated")
+        try:
+            for ev in events:
+                self.rt.publisher.publish(FEEDBACK_TOPIC, ev.key(), ev.to_bytes())
+        except SpoolFull as exc:
+            for k in claimed:
+                store.release_rating(k)
+            metrics.SPOOL_REJECTED.inc()
+            raise APIError(503, "feedback is queued faster than Kafka takes it; try again later",
+                           code="feedback_backlog", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        for ev in events:
+            metrics.FEEDBACK.labels(ev.kind.value, str(ev.value), ev.adapter_version).inc()
+            metrics.FEEDBACK_REWARD.labels(ev.adapter_version).inc(ev.reward)
+        return FeedbackAccepted(status="accepted", event_ids=[e.event_id for e in events]), 202

