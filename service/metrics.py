@@ -37,8 +37,13 @@ FEEDBACK = Counter(
     "thumbtune_feedback_total", "Ratings received, by kind, value and the adapter version that answered.",
     ["kind", "value", "adapter_version"],
 )
-FEEDBACK_REWARD = Counter(
+FEEDBACK_REWARD = Gauge(
     "thumbtune_feedback_reward_sum", "Sum of rewards by adapter version (divide by feedback count for the mean).",
+    ["adapter_version"],
+)
+FEEDBACK_APPROVALS = Counter(
+    "thumbtune_feedback_approvals_total",
+    "Ratings with a positive reward, by adapter version; approval rate = this / thumbtune_feedback_total.",
     ["adapter_version"],
 )
 FEEDBACK_DUPLICATES = Counter("thumbtune_feedback_duplicates_total", "Repeat ratings answered idempotently.")

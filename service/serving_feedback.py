@@ -96,4 +96,6 @@ class FeedbackService:
         for ev in events:
             metrics.FEEDBACK.labels(ev.kind.value, str(ev.value), ev.adapter_version).inc()
             metrics.FEEDBACK_REWARD.labels(ev.adapter_version).inc(ev.reward)
+            if ev.reward > 0:
+                metrics.FEEDBACK_APPROVALS.labels(ev.adapter_version).inc()
         return FeedbackAccepted(status="accepted", event_ids=[e.event_id for e in events]), 202

@@ -87,3 +87,48 @@ def client_factory(settings_factory):  # noqa: ANN001, ANN201
 @pytest.fixture
 def client(client_factory) -> Iterator:  # noqa: ANN001
     return client_factory()
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free 127.0.0.1 port: a real HTTP server for real clients."""
+
+    def __init__(self, app, port: int) -> None:  # noqa: ANN001
+        import uvicorn
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+
+    def __enter__(self) -> LiveServer:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def live_server_factory(settings_factory):  # noqa: ANN001, ANN201
+    from service.app import create_app
+    from thumbtune.broker import free_port
+
+    servers: list[LiveServer] = []
+
+    def make(**overrides: object) -> LiveServer:
+        server = LiveServer(create_app(settings_factory(**overrides)), free_port()).__enter__()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.__exit__(None, None, None)

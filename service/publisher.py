@@ -1,0 +1,318 @@
+"""Feedback delivery to Kafka that never takes chat down.
+
+Every event is first appended to a bounded on-disk spool (``service.spool``: SQLite, WAL mode)
+and only then, by a background thread, sent to Kafka. ``publish()`` therefore costs one local
+SQLite insert (tens of microseconds) whatever Kafka is doing; an unreachable broker only makes
+the spool grow, and past ``settings.spool_max_events`` feedback is refused with
+:class:`SpoolFull`, which the HTTP layer turns into 503 + Retry-After.
+
+Delivery guarantees:
+
+* Nothing is lost up to the cap: a row is deleted only after Kafka acknowledged it
+  (``acks='all'``), and rows survive a process restart (see ``service.spool``).
+* Order: rows are sent in spool order, and one key always maps to one partition, so per-key
+  order holds. After a partial failure only the unacknowledged rows are re-sent, so a failed
+  row can land after a later row of the same partition.
+* No duplicates in the normal path (idempotent producer, one send per row). If the process
+  dies between an ack and the delete, or a send's ack is lost and the row is re-sent by a new
+  producer, Kafka gets it twice: consumers deduplicate on ``FeedbackEvent.event_id``.
+* Rows Kafka will never take (too large, invalid topic, not authorised) go to the spool's
+  ``dead_letter`` table with the error, so one bad row cannot block the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from typing import Any, Self
+
+from kafka import KafkaProducer
+from kafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+)
+
+from service import metrics
+from service.spool import Row, Spool, SpoolFull
+from thumbtune.contract import FEEDBACK_TOPIC, FeedbackEvent
+from thumbtune.settings import Settings
+
+__all__ = ["FeedbackPublisher", "SpoolFull"]
+
+log = logging.getLogger(__name__)
+
+_BATCH = 500
+_MIN_BACKOFF_S = 0.25
+_MAX_BACKOFF_S = 2.0
+_MAX_EVENT_BYTES = 1_000_000  # Kafka's default message.max.bytes is ~1 MB
+_DELIVERY_TIMEOUT_MS = 10_000  # a send not acknowledged by then fails, and the row is retried later
+_BLOCK_MS = 2000  # the longest one Kafka call may block the drain thread (bootstrap, metadata)
+_JOIN_GRACE_S = _BLOCK_MS / 1000 + 1
+# Errors about one record rather than the connection: retrying them forever would block the spool.
+_POISON = (
+    MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, TopicAuthorizationFailedError,
+)
+
+
+def _reachable(servers: list[str], timeout: float = 0.5) -> bool:
+    """Whether any bootstrap server accepts a TCP connection.
+
+    Checked before building a KafkaProducer, whose constructor blocks for its whole bootstrap
+    timeout (and logs every refused retry) when nothing listens: with this, a down broker costs
+    one refused connect per retry and close() is not held up by a doomed bootstrap.
+    """
+    for server in servers:
+        host, _, port = server.rpartition(":") if ":" in server else (server, "", "9092")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _close_producer(producer: KafkaProducer, timeout: float) -> None:
+    """Close even with records still pending: kafka-python's close() raises before force-closing."""
+    try:
+        producer.close(timeout=timeout)
+    except Exception:  # noqa: BLE001 - its (non-daemon) sender thread must not outlive us
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            with contextlib.suppress(Exception):
+                sender.force_close()
+                sender.join(timeout)
+
+
+class FeedbackPublisher:
+    """Spool-then-send publisher for feedback events; see the module docstring for guarantees.
+
+    ``publish`` is safe to call from many threads. ``start`` opens the spool and starts the
+    drain thread; ``close`` sends what it can within its timeout and stops (the rest stays on
+    disk for the next start).
+    """
+
+    def __init__(self, settings: Settings, topic: str = FEEDBACK_TOPIC) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.spool = Spool(settings.spool_path, settings.spool_max_events)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._producer: KafkaProducer | None = None
+        self._broker_up: bool | None = None  # None: not tried yet
+        self._bootstrap = [s.strip() for s in settings.kafka_bootstrap_servers.split(",") if s.strip()]
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open (or recover) the spool and start draining it; a no-op when already started."""
+        if self._thread is not None:
+            return
+        self.spool.open()
+        metrics.SPOOL_DEPTH.set(self.spool.depth)
+        metrics.BROKER_UP.set(0)
+        if self.spool.depth:
+            log.info("feedback spool %s holds %d events from an earlier run; sending them",
+                     self.spool.path, self.spool.depth)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="feedback-publisher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10) -> None:
+        """Send what can be sent within ``timeout`` seconds, then stop; the rest stays spooled."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()) + _JOIN_GRACE_S)
+        if self._thread.is_alive():
+            log.warning("feedback publisher thread did not stop in time; unsent events stay spooled")
+            return
+        self._thread = None
+        if self.spool.depth:
+            log.warning("%d feedback events stay spooled in %s until the next start",
+                        self.spool.depth, self.spool.path)
+        self.spool.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the fast path -----------------------------------------------------------------------------
+
+    def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Append one event to the spool for the drain thread to send. Never touches Kafka.
+
+        Raises SpoolFull when the spool holds ``spool_max_events`` or cannot be written, and
+        ValueError for an event larger than Kafka accepts (a caller error: answer 413).
+        """
+        if not isinstance(key, bytes) or not isinstance(value, bytes):
+            raise TypeError("publish() takes bytes key and value; use FeedbackEvent.key() / to_bytes()")
+        if len(key) + len(value) > _MAX_EVENT_BYTES:
+            size = len(key) + len(value)
+            raise ValueError(f"event is {size} bytes; Kafka takes at most {_MAX_EVENT_BYTES}")
+        try:
+            self.spool.append(topic, key, value)
+        except SpoolFull:
+            metrics.SPOOL_REJECTED.inc()
+            raise
+        metrics.SPOOL_DEPTH.set(self.spool.depth)
+        self._wake.set()
+
+    def publish_event(self, event: FeedbackEvent) -> None:
+        """Publish a feedback event on this publisher's topic, keyed by its response id."""
+        self.publish(self.topic, event.key(), event.to_bytes())
+
+    # --- observation -------------------------------------------------------------------------------
+
+    def depth(self) -> int:
+        """Events waiting in the spool (not yet acknowledged by Kafka)."""
+        return self.spool.depth
+
+    @property
+    def broker_up(self) -> bool:
+        """Whether the last attempt to reach Kafka (connect or send) succeeded."""
+        return bool(self._broker_up)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the spool is empty; True if it is, False after ``timeout`` seconds."""
+        if self._thread is None or not self._thread.is_alive():
+            return self.spool.depth == 0
+        return self.spool.wait_empty(timeout)
+
+    # --- the drain thread --------------------------------------------------------------------------
+
+    def _set_broker_up(self, up: bool) -> None:
+        if up != self._broker_up:
+            where = ",".join(self._bootstrap)
+            if up:
+                log.info("Kafka at %s reachable; %d spooled events to send", where, self.spool.depth)
+            else:
+                log.warning("Kafka at %s unreachable; feedback waits in %s (%d events) until it is back",
+                            where, self.spool.path, self.spool.depth)
+        self._broker_up = up
+        metrics.BROKER_UP.set(1 if up else 0)
+
+    def _run(self) -> None:
+        backoff = _MIN_BACKOFF_S
+        while not self._stop.is_set():
+            try:
+                ok = self._step()
+            except Exception:  # a disk hiccup must not end delivery for good: log, back off, retry
+                log.exception("feedback publisher: unexpected error; events stay spooled, retrying")
+                self._drop_producer()
+                ok = False
+            if ok or self._stop.is_set():
+                backoff = _MIN_BACKOFF_S
+                continue
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        self._drop_producer()
+
+    def _step(self) -> bool:
+        """One round: (re)connect if needed, then send one batch. False means back off."""
+        if self._producer is None and not self._connect():
+            if self.spool.depth:
+                metrics.PUBLISH_ERRORS.inc()
+            return False
+        self._wake.clear()
+        rows = self.spool.head(_BATCH)
+        if not rows:
+            self._wake.wait(1.0)
+            return True
+        if self._send(rows) or self._stop.is_set():
+            return True
+        metrics.PUBLISH_ERRORS.inc()
+        self._drop_producer()
+        return False
+
+    def _connect(self) -> bool:
+        """Create the producer; created lazily so a broker that is down at start costs nothing."""
+        if not _reachable(self._bootstrap):
+            self._set_broker_up(False)
+            return False
+        try:
+            self._producer = KafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                client_id="thumbtune-feedback",
+                acks="all",
+                # Idempotence works on Tansu 0.6 (measured, see thumbtune.broker): no duplicates from
+                # the producer's own retries, and order kept with up to 5 requests in flight.
+                enable_idempotence=True,
+                retries=5,
+                request_timeout_ms=5000,
+                delivery_timeout_ms=_DELIVERY_TIMEOUT_MS,
+                max_block_ms=_BLOCK_MS,
+                bootstrap_timeout_ms=_BLOCK_MS,
+                reconnect_backoff_max_ms=1000,
+                allow_auto_create_topics=False,
+            )
+        except (KafkaError, OSError) as exc:
+            log.debug("cannot connect to Kafka at %s: %r", self._bootstrap, exc)
+            self._set_broker_up(False)
+            return False
+        self._set_broker_up(True)
+        return True
+
+    def _drop_producer(self) -> None:
+        """Forget the producer after any failure. Why: an idempotent producer whose broker lost its
+        producer id (a restarted in-memory broker) fails every later send; a new one starts clean."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            _close_producer(producer, timeout=1.0)
+
+    def _send(self, rows: list[Row]) -> bool:
+        """Send rows in order, wait for their acks, retire the acked ones. True if all went."""
+        producer = self._producer
+        assert producer is not None
+        sent: list[tuple[Row, Any]] = []
+        poison: list[tuple[Row, str]] = []
+        failed = False
+        for row in rows:
+            if self._stop.is_set():
+                break
+            try:
+                sent.append((row, producer.send(row[1], key=row[2], value=row[3])))
+            except _POISON as exc:
+                poison.append((row, repr(exc)))
+            except KafkaError as exc:  # metadata unavailable (broker gone, topic missing) or buffer full
+                log.debug("sending to %s failed: %r", row[1], exc)
+                failed = True
+                break
+        self._await(producer, [fut for _, fut in sent])
+        delivered: list[int] = []
+        for row, fut in sent:
+            if fut.is_done and fut.succeeded():
+                delivered.append(row[0])
+            elif fut.is_done and isinstance(fut.exception, _POISON):
+                poison.append((row, repr(fut.exception)))
+            else:
+                failed = True
+        self.spool.retire(delivered, poison)
+        metrics.SPOOL_DEPTH.set(self.spool.depth)
+        metrics.EVENTS_PUBLISHED.inc(len(delivered))
+        if poison:
+            metrics.PUBLISH_ERRORS.inc(len(poison))
+        if delivered:
+            self._set_broker_up(True)
+        if failed:
+            self._set_broker_up(False)
+        return not failed and len(delivered) + len(poison) == len(rows)
+
+    def _await(self, producer: KafkaProducer, futures: list[Any]) -> None:
+        """Wait for the sends to complete, in short slices so that close() can cut it short."""
+        deadline = time.monotonic() + _DELIVERY_TIMEOUT_MS / 1000 + 2  # every future has ended by then
+        while any(not f.is_done for f in futures) and time.monotonic() < deadline and not self._stop.is_set():
+            with contextlib.suppress(KafkaError):  # KafkaTimeoutError: not yet; others show on the futures
+                producer.flush(timeout=0.2)
