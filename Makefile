@@ -29,9 +29,7 @@ install-test: $(TEST_STAMP)
 
 run: install
 	@$(BIN)/thumbtune model
-	@set -m; $(BIN)/thumbtune broker & broker=$$!; \
-	  trap 'kill -TERM -$$broker 2>/dev/null; wait $$broker 2>/dev/null' EXIT INT TERM; \
-	  $(BIN)/thumbtune serve
+	@exec $(BIN)/thumbtune up
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,6 +18,8 @@ app.add_typer(bench_app, name="bench")
 def _settings(**overrides: object) -> Settings:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return settings
 
 
@@ -26,7 +28,17 @@ def broker(port: int = typer.Option(None, help="Port (default THUMBTUNE_BROKER_P
     """Run the embedded Tansu Kafka-protocol broker (memory only) and create thumbtune's topics."""
     from thumbtune.broker import run_broker
 
-    run_broker(_settings(broker_port=port))
+    settings = _settings(broker_port=port)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its own readiness probes fail by design at start
+    run_broker(settings)
+
+
+@app.command()
+def up() -> None:
+    """Start the whole system (embedded broker unless an external Kafka is configured, then the server)."""
+    from thumbtune.supervisor import up as run_up
+
+    raise typer.Exit(run_up(_settings()))
 
 
 @app.command()

@@ -1,0 +1,67 @@
+"""`thumbtune up` starts broker + server, serves, and leaves no process behind after SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from thumbtune.broker import free_port
+
+pytestmark = pytest.mark.broker
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment carries the marker: every descendant of `up` inherits it."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_up_serves_and_stops_everything_on_sigterm(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
+    marker = f"THUMBTUNE_TEST_MARKER={uuid.uuid4().hex}"
+    broker_port, port = free_port(), free_port()
+    env = dict(os.environ, THUMBTUNE_MODEL=str(tiny_model_dir), THUMBTUNE_CACHE_DIR=str(tmp_path),
+               THUMBTUNE_BROKER_PORT=str(broker_port), THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{broker_port}",
+               THUMBTUNE_PORT=str(port), THUMBTUNE_MAX_CONTEXT="512")
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    proc = subprocess.Popen([sys.executable, "-m", "thumbtune.cli", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "is ready" in line:
+                break
+        assert any("is ready" in line for line in lines), "".join(lines)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                          json={"model": "thumbtune", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert resp.status_code == 200
+        assert len(processes_with(marker)) >= 3  # up, broker (+ tansu), server
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with(marker) == []
