@@ -48,6 +48,7 @@ __all__ = ["FeedbackPublisher", "SpoolFull"]
 log = logging.getLogger(__name__)
 
 _BATCH = 500
+_CHECKPOINT_EVERY_S = 1.0
 _MIN_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 2.0
 _MAX_EVENT_BYTES = 1_000_000  # Kafka's default message.max.bytes is ~1 MB
@@ -206,9 +207,13 @@ class FeedbackPublisher:
 
     def _run(self) -> None:
         backoff = _MIN_BACKOFF_S
+        checkpointed = time.monotonic()
         while not self._stop.is_set():
             try:
                 ok = self._step()
+                if time.monotonic() - checkpointed > _CHECKPOINT_EVERY_S:
+                    self.spool.checkpoint()  # here, not in publish(): appends stay fast
+                    checkpointed = time.monotonic()
             except Exception:  # a disk hiccup must not end delivery for good: log, back off, retry
                 log.exception("feedback publisher: unexpected error; events stay spooled, retrying")
                 self._drop_producer()
@@ -256,6 +261,7 @@ class FeedbackPublisher:
                 max_block_ms=_BLOCK_MS,
                 bootstrap_timeout_ms=_BLOCK_MS,
                 reconnect_backoff_max_ms=1000,
+                batch_size=256 * 1024,  # a drained backlog goes out in few requests
                 allow_auto_create_topics=False,
             )
         except (KafkaError, OSError) as exc:

@@ -90,7 +90,6 @@ class FeedbackService:
         except SpoolFull as exc:
             for k in claimed:
                 store.release_rating(k)
-            metrics.SPOOL_REJECTED.inc()
             raise APIError(503, "feedback is queued faster than Kafka takes it; try again later",
                            code="feedback_backlog", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
         for ev in events:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ class Child:
     argv: list[str]
     proc: subprocess.Popen | None = None
     threads: list[threading.Thread] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
+    """Recent output lines (bounded), so `up` can wait for a readiness line."""
 
     def start(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
@@ -44,6 +45,7 @@ class Child:
     def _pump(self) -> None:
         assert self.proc and self.proc.stdout
         for line in self.proc.stdout:
+            self.seen = [*self.seen[-50:], line]
             sys.stdout.write(f"[{self.name}] {line}")
             sys.stdout.flush()
 
@@ -67,17 +69,16 @@ class Child:
             t.join(2)
 
 
-def _wait_tcp(host: str, port: int, child: Child, timeout: float) -> None:
+def _wait_line(child: Child, text: str, timeout: float) -> None:
+    """Wait for a line the child prints once it is ready (the broker prints it after creating the topics)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if any(text in line for line in child.seen):
+            return
         if not child.alive:
             raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} while starting")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{child.name} did not listen on {host}:{port} within {timeout:.0f} s")
+        time.sleep(0.1)
+    raise RuntimeError(f"{child.name} was not ready within {timeout:.0f} s")
 
 
 def _wait_http(url: str, child: Child, timeout: float) -> None:
@@ -110,7 +111,7 @@ def up(settings: Settings) -> int:
             broker = Child("broker", [*exe, "broker"])
             children.append(broker)
             broker.start(env)
-            _wait_tcp(settings.broker_host, settings.broker_port, broker, 60)
+            _wait_line(broker, "thumbtune broker: Kafka protocol on", 60)
         else:
             print(f"[up] using the Kafka at {settings.kafka_bootstrap_servers}", flush=True)
         server = Child("server", [*exe, "serve"])
