@@ -70,6 +70,23 @@ def serve(
                 timeout_graceful_shutdown=30)
 
 
+@app.command()
+def learn(
+    from_file: Path = typer.Option(None, "--from-file", help="Replay a JSONL file of FeedbackEvents instead of Kafka."),
+    once: bool = typer.Option(False, "--once", help="Process the input once, then exit."),
+) -> None:
+    """Train adapter versions from rated answers (PPO with a KL penalty to the base)."""
+    from learner.config import LearnerSettings
+    from learner.replay import run_from_file
+
+    settings = _settings()
+    if from_file is None or not once:
+        raise typer.BadParameter("this build trains from a file only: use --from-file FILE --once "
+                                 "(the Kafka consumer is not built yet)", param_hint="--from-file")
+    versions = run_from_file(settings, LearnerSettings(), from_file, once=once)
+    typer.echo("versions written: " + (" ".join(versions) or "none (no new events)"))
+
+
 @bench_app.command("serve")
 def bench_serve(
     out: Path = typer.Option(None, help="Also write the results as JSON here."),

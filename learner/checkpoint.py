@@ -1,0 +1,120 @@
+"""A policy + learner state <-> one adapter version in the store.
+
+Layout of ``v<N>/`` (every file but the manifest is hashed into it):
+  adapter_model.safetensors, adapter_config.json   the standard PEFT layout: PeftModel.from_pretrained(base,
+                                                   "v<N>") and vLLM's LoRA loader read the directory as is
+  value_head.safetensors                           the critic, trained with the adapter
+  learner_state.pt                                 optimizer, KL controller, reward and length statistics
+  manifest.json                                    `AdapterManifest`, written last by the store
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from learner.config import LearnerSettings
+from learner.policy import ADAPTER_NAME, VALUE_HEAD_FILE, Policy, resolve_device
+from learner.store import AdapterStore
+from learner.update import LearnerState, finite
+from thumbtune.base_model import LoadedBase
+from thumbtune.contract import AdapterManifest
+from thumbtune.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+LEARNER_STATE_FILE = "learner_state.pt"
+
+
+def save_version(
+    store: AdapterStore,
+    policy: Policy,
+    state: LearnerState,
+    *,
+    base: LoadedBase,
+    event_ids: list[str],
+    offsets: dict[str, int] | None = None,
+    diagnostics: dict[str, float] | None = None,
+) -> str:
+    """Write the policy as the store's next version (parent: the one it was trained from); return its name.
+
+    ``policy.version`` becomes the new version: the weights in memory now are that version.
+    """
+    version = store.next_version()
+
+    def write(tmp: Path) -> None:
+        policy.model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the adapter
+        if not (tmp / ADAPTER_WEIGHTS).is_file() or not (tmp / ADAPTER_CONFIG).is_file():
+            raise RuntimeError(f"peft did not write {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} at the top of {tmp}")
+        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+                  str(tmp / VALUE_HEAD_FILE))
+        torch.save(state.state_dict(), tmp / LEARNER_STATE_FILE)
+
+    manifest = AdapterManifest(
+        version=version,
+        parent=policy.version,
+        base_model=base.model_id,
+        base_fingerprint=base.fingerprint,
+        created_at=time.time(),
+        event_count=len(event_ids),
+        offsets=dict(offsets or {}),
+        event_ids=list(event_ids),
+        diagnostics=finite(diagnostics or {}),
+    )
+    store.write_version(version, write, manifest)
+    policy.version = version
+    return version
+
+
+def load_latest(
+    store: AdapterStore, base: LoadedBase, settings: Settings, learner_settings: LearnerSettings
+) -> tuple[Policy, LearnerState]:
+    """The policy and learner state to continue from: the store's latest version, else a fresh v0.
+
+    Refuses a latest version that was trained on another base model or whose files do not match
+    their manifest: training on from the wrong weights would silently publish nonsense.
+    """
+    device = resolve_device(learner_settings.device)
+    cfg = learner_settings.ppo_config()
+    version = store.latest()
+    if version is None:
+        policy = Policy.fresh(base.model, settings, device, seed=learner_settings.seed)
+        log.info("adapter store %s is empty: training from the empty adapter v0", store)
+        return policy, LearnerState.create(policy, cfg, learner_settings.weight_decay, learner_settings.seed)
+
+    manifest = store.read_manifest(version)
+    if manifest.base_fingerprint != base.fingerprint:
+        raise RuntimeError(
+            f"adapter {version} in {store} was trained on {manifest.base_model} (fingerprint "
+            f"{manifest.base_fingerprint}) but the base loaded is {base.model_id} ({base.fingerprint}); "
+            "point THUMBTUNE_ADAPTER_STORE at a store for this model or THUMBTUNE_MODEL at that model"
+        )
+    problems = store.verify(version)
+    if problems:
+        raise RuntimeError(f"adapter {version} in {store} is damaged: {'; '.join(problems)}")
+    directory = store.path(version)
+    policy = Policy.from_dir(base.model, directory, version, device, settings)
+    state = LearnerState.create(policy, cfg, learner_settings.weight_decay, learner_settings.seed)
+    state_file = directory / LEARNER_STATE_FILE
+    if state_file.is_file():
+        state.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+    else:
+        log.warning("%s has no %s: resuming its weights with a fresh optimizer and statistics", version,
+                    LEARNER_STATE_FILE)
+    log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
+    return policy, state
+
+
+def trained_event_ids(store: AdapterStore) -> set[str]:
+    """Every event id some version in the store trained on: a re-delivered event is not trained twice."""
+    ids: set[str] = set()
+    for version in store.versions():
+        ids.update(store.read_manifest(version).event_ids)
+    return ids

@@ -1,0 +1,100 @@
+"""The learner's own settings, env prefix ``THUMBTUNE_LEARNER_``, and their mapping onto `PPOConfig`.
+
+Shared facts (the model, the LoRA shape, the adapter store, Kafka) stay in `thumbtune.settings.Settings`,
+so the server and the learner cannot disagree on them; only what the learner alone uses lives here.
+The README's settings table lists these fields with their descriptions.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from learner.ppo import PPOConfig
+
+
+class LearnerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="THUMBTUNE_LEARNER_", extra="ignore", env_parse_none_str="none"
+    )
+
+    # --- batching -------------------------------------------------------------------------------
+    batch_size: int = Field(32, ge=1, description="Events per PPO update (one adapter version per update).")
+    min_batch: int = Field(
+        8, ge=1, description="Smallest batch trained on when max_wait_s passes or the input ends."
+    )
+    max_wait_s: float = Field(
+        60.0, gt=0, description="Train on a partial batch (>= min_batch) after this wait."
+    )
+    max_staleness: int = Field(
+        4, ge=0, description="Drop events served by an adapter over this many versions behind the learner."
+    )
+
+    # --- KL penalty to the reference (the base model, adapter off) --------------------------------
+    target_kl: float = Field(
+        6.0, gt=0, description="Adaptive beta's target KL(pi || pi_ref), nats per response (sum over tokens)."
+    )
+    fixed_beta: float | None = Field(
+        None, ge=0, description="Keep the KL coefficient beta at this value; unset or 'none' = adaptive."
+    )
+    init_beta: float = Field(
+        0.05, ge=0, description="Starting KL coefficient beta of the adaptive controller."
+    )
+    kl_horizon: int = Field(
+        10_000, ge=1, description="Adaptive controller horizon in responses (beta moves <= ~20% per horizon)."
+    )
+
+    # --- PPO ----------------------------------------------------------------------------------------
+    lam: float = Field(
+        0.95, ge=0, le=1, description="GAE lambda (gamma is fixed at 1: one score per response)."
+    )
+    epochs: int = Field(4, ge=1, description="Passes over each batch (PPO's K).")
+    minibatch_size: int = Field(16, ge=1, description="Responses per gradient step.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the LoRA weights and the value head.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay (pulls the adapter toward the base)."
+    )
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the ratio pi_theta / pi_old.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the value update around V_old.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight c_v of the value loss.")
+    ent_coef: float = Field(0.0, ge=0, description="Weight c_e of the entropy bonus (0 = none).")
+    is_clip_c: float = Field(
+        1.0, gt=0, description="Truncation c of the importance weights min(c, pi_old / pi_behaviour)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    early_stop_kl: float | None = Field(
+        0.1, gt=0, description="Skip an update's remaining epochs once approx-KL(pi_old || pi) passes this; "
+        "'none' = never."
+    )
+    reward_clip: float = Field(
+        5.0, gt=0, description="Running-normalised user rewards are clipped to +-this."
+    )
+
+    # --- process ----------------------------------------------------------------------------------------
+    device: str = Field(
+        "auto", description="'auto' (CUDA with bf16 autocast when available, else CPU), 'cpu' or 'cuda'."
+    )
+    metrics_port: int = Field(9100, description="Port of the learner's Prometheus /metrics.")
+    seed: int = Field(0, description="Seed of the LoRA init and the minibatch shuffling.")
+
+    def ppo_config(self) -> PPOConfig:
+        """The PPO hyper-parameters as the pure math in learner/ppo.py takes them."""
+        return PPOConfig(
+            clip_eps=self.clip_eps,
+            value_clip_eps=self.value_clip_eps,
+            vf_coef=self.vf_coef,
+            ent_coef=self.ent_coef,
+            gamma=1.0,
+            lam=self.lam,
+            epochs=self.epochs,
+            minibatch_size=self.minibatch_size,
+            max_grad_norm=self.max_grad_norm,
+            lr=self.lr,
+            target_kl_early_stop=self.early_stop_kl,
+            init_beta=self.fixed_beta if self.fixed_beta is not None else self.init_beta,
+            target_kl=self.target_kl,
+            kl_horizon=self.kl_horizon,
+            adaptive_kl=self.fixed_beta is None,
+            is_clip_c=self.is_clip_c,
+            reward_clip=self.reward_clip,
+        )

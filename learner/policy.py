@@ -1,0 +1,234 @@
+"""The policy the learner trains: base model + one LoRA adapter + a value head, and the batch it reads.
+
+One copy of the base weights serves three roles:
+  pi_theta  the adapter on (trained),
+  pi_ref    the same model inside peft's ``disable_adapter()`` (the base, never a second copy),
+  V         `ValueHead` on the final hidden state of pi_theta.
+
+The tokens are the ones the server served (the event's ids), never re-tokenized text. Log-probs
+are needed only for response tokens, so `Policy.forward_batch` runs the model body over the whole
+sequence but the LM head only on the positions that predict response tokens: with a ~50k
+vocabulary the head dominates a small model's cost and memory, and most positions are prompt.
+
+The adapter keeps peft's name ``default`` in memory for the learner's whole life: save_pretrained
+then writes the standard PEFT layout at the top of a version directory (other names go into a
+subfolder), and the optimizer's parameters stay the same tensors from one version to the next.
+The version name lives in `Policy.version`, the store directory and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from learner.ppo import entropy_from_logits, logprobs_from_logits
+from service.engine.adapters import lora_config
+from thumbtune.contract import BASE_VERSION, FeedbackEvent
+from thumbtune.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w . h_t + b on the final hidden state h_t; zero-initialised, so V = 0 until trained.
+
+    It reads the hidden state detached: the critic is fitted on top of the policy's features but its
+    loss does not reach the LoRA weights, so the adapter the server runs is shaped by the policy
+    objective alone and an early, badly-fitted critic cannot pull it around.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.summary(hidden.detach().to(self.summary.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class Batch:
+    """Events collated for the model: responses right-padded to T, sequences to L = max(prompt + response)."""
+
+    input_ids: Tensor  # [B, L] prompt + response, right-padded with pad_id
+    attention_mask: Tensor  # [B, L]
+    prompt_lens: Tensor  # [B]
+    response_ids: Tensor  # [B, T] right-padded with pad_id
+    mask: Tensor  # [B, T] float, 1 on response tokens
+    scores: Tensor  # [B] the user's reward R
+    behaviour_logprobs: Tensor  # [B, T] log pi_b at the event's logprob temperature, 0 on padding
+    temperatures: Tensor  # [B] SamplingParams.logprob_temperature
+    event_ids: list[str]
+
+    @classmethod
+    def from_events(cls, events: list[FeedbackEvent], pad_id: int) -> Batch:
+        if not events:
+            raise ValueError("cannot collate an empty batch")
+        n, lengths = len(events), [len(e.response_token_ids) for e in events]
+        seq_lens = [len(e.prompt_token_ids) + r for e, r in zip(events, lengths, strict=True)]
+        input_ids = torch.full((n, max(seq_lens)), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, max(seq_lens)), dtype=torch.long)
+        response_ids = torch.full((n, max(lengths)), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, max(lengths)))
+        behaviour = torch.zeros((n, max(lengths)))
+        for i, (e, r, s) in enumerate(zip(events, lengths, seq_lens, strict=True)):
+            input_ids[i, :s] = torch.tensor(e.prompt_token_ids + e.response_token_ids, dtype=torch.long)
+            attention_mask[i, :s] = 1
+            response_ids[i, :r] = torch.tensor(e.response_token_ids, dtype=torch.long)
+            mask[i, :r] = 1.0
+            behaviour[i, :r] = torch.tensor(e.behaviour_logprobs)
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            prompt_lens=torch.tensor([len(e.prompt_token_ids) for e in events], dtype=torch.long),
+            response_ids=response_ids,
+            mask=mask,
+            scores=torch.tensor([e.reward for e in events]),
+            behaviour_logprobs=behaviour,
+            temperatures=torch.tensor([e.sampling.logprob_temperature for e in events]),
+            event_ids=[e.event_id for e in events],
+        )
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+    def subset(self, index: Tensor) -> Batch:
+        """Rows ``index``, with the columns that are padding in all of them trimmed off."""
+        seq_len = int(self.attention_mask[index].sum(1).max())
+        resp_len = int(self.mask[index].sum(1).max())
+        return Batch(
+            input_ids=self.input_ids[index, :seq_len],
+            attention_mask=self.attention_mask[index, :seq_len],
+            prompt_lens=self.prompt_lens[index],
+            response_ids=self.response_ids[index, :resp_len],
+            mask=self.mask[index, :resp_len],
+            scores=self.scores[index],
+            behaviour_logprobs=self.behaviour_logprobs[index, :resp_len],
+            temperatures=self.temperatures[index],
+            event_ids=[self.event_ids[i] for i in index.tolist()],
+        )
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in moved.items()})
+
+
+class PolicyOutput(NamedTuple):
+    logprobs: Tensor
+    """[B, T] log pi(a_t | s_t) at temperature 1, 0 on padding (with gradient unless called under no_grad)"""
+    values: Tensor | None
+    """[B, T] V(s_t), when asked for"""
+    entropy: Tensor | None
+    """[B, T] entropy of pi(. | s_t) at temperature 1, when asked for"""
+    tempered_logprobs: Tensor | None
+    """[B, T] log_softmax(z_t / T_row)[a_t], comparable with the event's behaviour log-probs, on request"""
+
+
+class Policy:
+    """A peft LoRA model over the base, its value head, and the version its weights currently are."""
+
+    def __init__(self, model: PeftModel, value_head: ValueHead, version: str, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.value_head = value_head.to(device)
+        self.version = version
+        self.device = device
+        self.model.eval()  # no dropout anywhere: at the start of an update pi_theta must equal pi_old
+        self._hf = model.get_base_model()
+        self.vocab_size = int(self._hf.get_output_embeddings().weight.shape[0])
+
+    @classmethod
+    def fresh(cls, base_model: nn.Module, settings: Settings, device: torch.device, seed: int = 0) -> Policy:
+        """A zero-initialised LoRA (outputs equal the base: this is v0) and a zero value head."""
+        with torch.random.fork_rng():  # LoRA's A matrices are random (B = 0 keeps the output the base's)
+            torch.manual_seed(seed)
+            model = get_peft_model(base_model, lora_config(settings), adapter_name=ADAPTER_NAME)
+        return cls(model, ValueHead(base_model.config.hidden_size), BASE_VERSION, device)
+
+    @classmethod
+    def from_dir(
+        cls, base_model: nn.Module, directory: Path, version: str, device: torch.device, settings: Settings
+    ) -> Policy:
+        """Resume from a stored version: its adapter (trainable) and value head."""
+        model = PeftModel.from_pretrained(
+            base_model, str(directory), adapter_name=ADAPTER_NAME, is_trainable=True
+        )
+        _warn_if_lora_differs(model.peft_config[ADAPTER_NAME], lora_config(settings), version)
+        value_head = ValueHead(base_model.config.hidden_size)
+        value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
+        return cls(model, value_head, version, device)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the LoRA weights and the value head, in a fixed order."""
+        lora = [p for _, p in self.model.named_parameters() if p.requires_grad]
+        return lora + list(self.value_head.parameters())
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def forward_batch(
+        self,
+        batch: Batch,
+        with_values: bool,
+        reference: bool = False,
+        with_entropy: bool = False,
+        tempered: bool = False,
+    ) -> PolicyOutput:
+        """Log-probs of the served response tokens (and V, entropy, tempered log-probs on request).
+
+        The hidden state at position p - 1 + t (p = prompt length) predicts response token t, so the
+        body runs over all L positions, those T positions are gathered, and only then the LM head is
+        applied: logits are [B, T, V], not [B, L, V]. ``reference=True`` runs with the adapter off.
+        """
+        batch = batch.to(self.device)
+        body = self._hf.base_model  # the transformer without its LM head (LlamaModel for Llama)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        with self._autocast():
+            if reference:
+                with self.model.disable_adapter():
+                    hidden = body(**inputs).last_hidden_state
+            else:
+                hidden = body(**inputs).last_hidden_state
+            resp_lens = batch.mask.sum(1).long()
+            t = torch.arange(batch.mask.shape[1], device=self.device)
+            last = (resp_lens - 1).clamp(min=0).unsqueeze(1)
+            positions = batch.prompt_lens.unsqueeze(1) - 1 + torch.minimum(t.unsqueeze(0), last)
+            gathered = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            logits = self._hf.get_output_embeddings()(gathered)
+        mask = batch.mask
+        logprobs = logprobs_from_logits(logits, batch.response_ids) * mask
+        values = self.value_head(gathered) * mask if with_values else None
+        entropy = entropy_from_logits(logits) * mask if with_entropy else None
+        tempered_lp = None
+        if tempered:
+            temperatures = batch.temperatures.float().cpu()
+            tempered_lp = logprobs_from_logits(logits, batch.response_ids, temperatures) * mask
+        return PolicyOutput(logprobs, values, entropy, tempered_lp)
+
+
+def _warn_if_lora_differs(stored: LoraConfig, configured: LoraConfig, version: str) -> None:
+    """A stored adapter keeps its own shape; say so when THUMBTUNE_LORA_* now asks for another."""
+    got = (stored.r, stored.lora_alpha, sorted(stored.target_modules))
+    want = (configured.r, configured.lora_alpha, sorted(configured.target_modules))
+    if got != want:
+        log.warning(
+            "adapter %s was trained with LoRA (r, alpha, targets) = %s but the settings say %s; "
+            "continuing with the stored shape (start a new store to change it)", version, got, want,
+        )

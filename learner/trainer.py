@@ -1,0 +1,98 @@
+"""`Learner`: the seam between where events come from (a file today, Kafka next) and the PPO update.
+
+An input loop hands each raw event to `Learner.admit` (parse, validate, deduplicate: a bad or
+repeated event is counted and logged, never raised), collects what it admits into batches, and
+calls `Learner.train(events, offsets)`, which drops stale events, runs one PPO update and writes
+one adapter version whose manifest records the events and the input offsets it covers. The
+input loop owns batching policy (batch_size, min_batch, max_wait_s) and offsets; this class owns
+the model and the store.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from learner.checkpoint import load_latest, save_version, trained_event_ids
+from learner.config import LearnerSettings
+from learner.events import SkipCounter, parse_event, stale_reason, validate_event
+from learner.policy import Batch
+from learner.store import AdapterStore, make_adapter_store
+from learner.update import ppo_update
+from thumbtune.base_model import LoadedBase, load_base
+from thumbtune.contract import FeedbackEvent
+from thumbtune.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOGGED = ("policy_loss", "value_loss", "entropy", "approx_kl", "kl_ref", "beta", "clipfrac",
+          "explained_variance", "mean_reward", "is_ess", "response_length_drift", "epochs", "update_s")
+
+
+class Learner:
+    def __init__(
+        self,
+        settings: Settings,
+        learner_settings: LearnerSettings,
+        base: LoadedBase | None = None,
+        store: AdapterStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.learner_settings = learner_settings
+        self.cfg = learner_settings.ppo_config()
+        self.base = base if base is not None else load_base(settings)
+        self.store = store if store is not None else make_adapter_store(settings.adapter_store_path)
+        self.policy, self.state = load_latest(self.store, self.base, settings, learner_settings)
+        self.skips = SkipCounter()
+        self.admitted: set[str] = trained_event_ids(self.store)
+        """Ids trained on (per the store) or admitted since the start: a later copy is a duplicate."""
+        self.max_length: int | None = getattr(self.base.model.config, "max_position_embeddings", None)
+        self.pad_id: int = self.base.tokenizer.pad_token_id
+
+    @property
+    def version(self) -> str:
+        """The version the weights in memory are (v0 before the first update)."""
+        return self.policy.version
+
+    def admit(self, raw: bytes | str, where: str) -> FeedbackEvent | None:
+        """The event if the learner can train on it and has not seen it yet; else None (counted, logged)."""
+        event, reason = parse_event(raw)
+        if event is not None:
+            reason = validate_event(event, self.policy.vocab_size, self.base.fingerprint, self.max_length)
+            if reason is None and event.event_id in self.admitted:
+                reason = f"duplicate: event {event.event_id} was already admitted or trained on"
+        if event is None or reason is not None:
+            self.skips.add(reason or "schema", where)
+            return None
+        self.admitted.add(event.event_id)
+        return event
+
+    def drop_stale(self, events: list[FeedbackEvent]) -> list[FeedbackEvent]:
+        """The events within max_staleness versions of the current weights (the rest: counted, logged)."""
+        kept = []
+        for event in events:
+            reason = stale_reason(event, self.version, self.learner_settings.max_staleness)
+            if reason is None:
+                kept.append(event)
+            else:
+                self.skips.add(reason, event.event_id)
+        return kept
+
+    def train(self, events: list[FeedbackEvent], offsets: dict[str, int] | None = None) -> str | None:
+        """One PPO update on ``events`` and one new version in the store; None if none was fresh enough.
+
+        ``offsets`` ('topic:partition' -> next offset) go into the manifest unchanged, so a consumer
+        that resumes from the latest manifest neither loses nor re-trains events.
+        """
+        events = self.drop_stale(events)
+        if not events:
+            log.warning("no fresh events left in the batch; no version written")
+            return None
+        batch = Batch.from_events(events, self.pad_id)
+        diagnostics = ppo_update(self.policy, batch, self.state, self.cfg)
+        diagnostics |= {f"skipped.{code}": float(n) for code, n in self.skips.drain().items()}
+        parent = self.version
+        version = save_version(self.store, self.policy, self.state, base=self.base,
+                               event_ids=batch.event_ids, offsets=offsets, diagnostics=diagnostics)
+        log.info("trained %s from %s on %d events: %s", version, parent, len(events),
+                 " ".join(f"{k}={diagnostics[k]:.4g}" for k in LOGGED if k in diagnostics))
+        return version

@@ -1,0 +1,191 @@
+"""One PPO update on one batch of rated answers: the orchestration around the math in learner/ppo.py.
+
+    1. no grad, at the start:  log pi_old, V_old, H(pi_old), tempered log pi_old  (adapter on)
+                               log pi_ref                                          (adapter off)
+    2. R~ = clip((R - mean) / std)  with running statistics of every reward seen (not per batch)
+    3. r_t = -beta * (log pi_old - log pi_ref) + [t = last] * R~
+    4. A, returns = GAE(r, V_old; gamma = 1, lambda);  A whitened over the batch
+    5. w_t = min(c, pi_old(a_t) / pi_b(a_t))   (truncated importance weight, both at the event's T)
+    6. K epochs x minibatches of  loss = w * clipped surrogate + c_v * clipped value loss - c_e * H,
+       AdamW over the LoRA weights + value head, gradient-norm clipping; stop early once the epoch's
+       approx-KL(pi_old || pi_theta) passes the threshold
+    7. beta <- KL controller(mean over responses of sum_t (log pi_old - log pi_ref))
+
+pi_old is this update's starting policy, recomputed here, not the log-probs the server recorded:
+the served answer may come from an older version, and that gap is what w corrects.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from learner.policy import Batch, Policy
+from learner.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOConfig,
+    RunningMoments,
+    effective_sample_size,
+    explained_variance,
+    gae,
+    kl_k3,
+    masked_mean,
+    masked_whiten,
+    ppo_minibatch_loss,
+    sequence_kl,
+    token_rewards,
+    truncated_importance_weights,
+)
+
+
+@dataclass
+class LearnerState:
+    """Everything besides the weights that a resumed learner needs to continue where it stopped."""
+
+    optimizer: torch.optim.Optimizer
+    kl_controller: AdaptiveKLController | FixedKLController
+    reward_moments: RunningMoments = field(default_factory=RunningMoments)
+    length_moments: RunningMoments = field(default_factory=RunningMoments)
+    """Response lengths of every batch trained on, for the length-drift diagnostic."""
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    """Minibatch shuffling."""
+    updates: int = 0
+
+    @classmethod
+    def create(cls, policy: Policy, cfg: PPOConfig, weight_decay: float = 0.0, seed: int = 0) -> LearnerState:
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+        if cfg.adaptive_kl:
+            controller: AdaptiveKLController | FixedKLController = AdaptiveKLController(
+                cfg.init_beta, cfg.target_kl, cfg.kl_horizon
+            )
+        else:
+            controller = FixedKLController(cfg.init_beta)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        return cls(optimizer, controller, generator=generator)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "reward_moments": self.reward_moments.state_dict(),
+            "length_moments": self.length_moments.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore; the learning rate stays the configured one, so a changed THUMBTUNE_LEARNER_LR applies."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.reward_moments.load_state_dict(state["reward_moments"])
+        self.length_moments.load_state_dict(state["length_moments"])
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])
+
+
+def importance_weights(policy: Policy, batch: Batch, c: float) -> Tensor:
+    """w_t = min(c, pi(a_t) / pi_b(a_t)) of the policy's current weights on a batch, [B, T], no gradient."""
+    with torch.no_grad():
+        out = policy.forward_batch(batch, with_values=False, tempered=True)
+    batch = batch.to(policy.device)
+    return truncated_importance_weights(out.tempered_logprobs, batch.behaviour_logprobs, batch.mask, c)
+
+
+def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig) -> dict[str, float]:
+    """Train ``policy`` on ``batch`` in place (steps 1-7 above) and return the update's diagnostics."""
+    started = time.perf_counter()
+    batch = batch.to(policy.device)
+    mask = batch.mask
+
+    # 1. the starting policy, the reference, the critic
+    with torch.no_grad():
+        old = policy.forward_batch(batch, with_values=True, with_entropy=True, tempered=True)
+        ref = policy.forward_batch(batch, with_values=False, reference=True)
+    old_logprobs, old_values = old.logprobs, old.values
+
+    # 2-5. rewards, advantages, importance weights
+    beta = state.kl_controller.value
+    state.reward_moments.update(batch.scores)
+    scores = state.reward_moments.normalize(batch.scores.float(), cfg.reward_clip)
+    rewards = token_rewards(scores, old_logprobs, ref.logprobs, mask, beta)
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, mask)
+    is_weights = truncated_importance_weights(
+        old.tempered_logprobs, batch.behaviour_logprobs, mask, cfg.is_clip_c
+    )
+
+    # 6. epochs x minibatches
+    params = policy.parameters()
+    stats: dict[str, list[float]] = defaultdict(list)
+    epochs_run, early_stopped = 0, False
+    for _ in range(cfg.epochs):
+        epoch_kl = []
+        for index in torch.randperm(len(batch), generator=state.generator).split(cfg.minibatch_size):
+            index = index.to(policy.device)
+            mb = batch.subset(index)
+            cols = slice(0, mb.mask.shape[1])
+            new = policy.forward_batch(mb, with_values=True, with_entropy=cfg.ent_coef > 0)
+            loss, diag = ppo_minibatch_loss(
+                new.logprobs, old_logprobs[index, cols], advantages[index, cols], new.values,
+                old_values[index, cols], returns[index, cols], mb.mask, cfg,
+                is_weights=is_weights[index, cols], entropy=new.entropy,
+            )
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            state.optimizer.step()
+            for name in ("policy_loss", "value_loss", "approx_kl", "clipfrac"):
+                stats[name].append(diag[name])
+            stats["grad_norm"].append(float(grad_norm))
+            epoch_kl.append(diag["approx_kl"])
+        epochs_run += 1
+        if cfg.target_kl_early_stop is not None and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl_early_stop:
+            early_stopped = True
+            break
+
+    # 7. the KL controller sees the starting policy's KL to the reference, per response
+    kl_ref = sequence_kl(old_logprobs, ref.logprobs, mask).mean().item()
+    state.kl_controller.update(kl_ref, len(batch))
+    state.updates += 1
+
+    lengths = mask.sum(1)
+    previous_mean_length = state.length_moments.mean if state.length_moments.count else lengths.mean().item()
+    state.length_moments.update(lengths)
+    elapsed = time.perf_counter() - started
+    diagnostics = {name: sum(values) / len(values) for name, values in stats.items()}
+    diagnostics |= {
+        "entropy": masked_mean(old.entropy, mask).item(),
+        "kl_ref": kl_ref,
+        "kl_ref_k3_per_token": masked_mean(kl_k3(old_logprobs, ref.logprobs), mask).item(),
+        "beta": beta,
+        "beta_next": state.kl_controller.value,
+        "explained_variance": explained_variance(old_values, returns, mask).item(),
+        "mean_reward": batch.scores.float().mean().item(),
+        "mean_normalized_reward": scores.mean().item(),
+        "is_weight_mean": masked_mean(is_weights, mask).item(),
+        "is_ess": effective_sample_size(is_weights, mask).item(),
+        "response_length": lengths.float().mean().item(),
+        "response_length_drift": lengths.float().mean().item() - previous_mean_length,
+        "n_events": float(len(batch)),
+        "n_tokens": mask.sum().item(),
+        "epochs": float(epochs_run),
+        "early_stopped": float(early_stopped),
+        "update_s": elapsed,
+        "tokens_per_s": mask.sum().item() * epochs_run / elapsed,
+    }
+    return {name: float(value) for name, value in diagnostics.items()}
+
+
+def finite(diagnostics: dict[str, float]) -> dict[str, float]:
+    """The entries JSON can carry (explained variance is nan when every return is equal)."""
+    return {name: value for name, value in diagnostics.items() if math.isfinite(value)}
