@@ -74,7 +74,14 @@ class LearnerSettings(BaseSettings):
     device: str = Field(
         "auto", description="'auto' (CUDA with bf16 autocast when available, else CPU), 'cpu' or 'cuda'."
     )
-    metrics_port: int = Field(9100, description="Port of the learner's Prometheus /metrics.")
+    metrics_port: int = Field(9100, ge=0, description="Port of the learner's Prometheus /metrics; 0 = none.")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Bind address of /metrics; 0.0.0.0 to let Prometheus scrape it from outside."
+    )
+    max_update_s: float = Field(
+        1800.0, gt=0, description="Longest one update may take before Kafka counts the learner as gone "
+        "(the consumer's max_poll_interval_ms)."
+    )
     seed: int = Field(0, description="Seed of the LoRA init and the minibatch shuffling.")
 
     def ppo_config(self) -> PPOConfig:

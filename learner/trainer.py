@@ -1,4 +1,4 @@
-"""`Learner`: the seam between where events come from (a file today, Kafka next) and the PPO update.
+"""`Learner`: the seam between where events come from (a file, Kafka) and the PPO update.
 
 An input loop hands each raw event to `Learner.admit` (parse, validate, deduplicate: a bad or
 repeated event is counted and logged, never raised), collects what it admits into batches, and

@@ -70,19 +70,32 @@ def serve(
                 timeout_graceful_shutdown=30)
 
 
+_FROM_FILE = typer.Option(None, "--from-file", help="Replay a JSONL file of FeedbackEvents instead of Kafka.")
+
+
 @app.command()
 def learn(
-    from_file: Path = typer.Option(None, "--from-file", help="Replay a JSONL file of FeedbackEvents instead of Kafka."),
-    once: bool = typer.Option(False, "--once", help="Process the input once, then exit."),
+    from_file: Path | None = _FROM_FILE,
+    once: bool = typer.Option(False, "--once", help="With --from-file: process the file once, then exit."),
 ) -> None:
-    """Train adapter versions from rated answers (PPO with a KL penalty to the base)."""
+    """Train adapter versions from rated answers (PPO with a KL penalty to the base).
+
+    Without --from-file: consume thumbtune.feedback as group thumbtune-learner until SIGINT/SIGTERM.
+    """
     from learner.config import LearnerSettings
-    from learner.replay import run_from_file
 
     settings = _settings()
-    if from_file is None or not once:
-        raise typer.BadParameter("this build trains from a file only: use --from-file FILE --once "
-                                 "(the Kafka consumer is not built yet)", param_hint="--from-file")
+    if from_file is None:
+        if once:
+            raise typer.BadParameter("--once needs --from-file (the Kafka learner runs until stopped)",
+                                     param_hint="--once")
+        from learner.consumer import run_learner
+
+        raise typer.Exit(run_learner(settings, LearnerSettings()))
+    from learner.replay import run_from_file
+
+    if not once:
+        raise typer.BadParameter("following a growing file is not supported: add --once", param_hint="--once")
     versions = run_from_file(settings, LearnerSettings(), from_file, once=once)
     typer.echo("versions written: " + (" ".join(versions) or "none (no new events)"))
 

@@ -1,0 +1,334 @@
+"""`thumbtune learn`: the long-running learner in consumer group ``thumbtune-learner`` on ``thumbtune.feedback``.
+
+Batching: every record is admitted or skipped one at a time (`Learner.admit`); an update runs as soon
+as batch_size events are buffered, or once the oldest buffered event has waited max_wait_s and at least
+min_batch are buffered.
+
+Exactly once, across crashes. The manifest of the newest version in the adapter store is the source of
+truth for where consumption stands: its ``offsets`` ('topic:partition' -> next offset) are cumulative and
+cover exactly the records consumed before that version's batch was cut (trained, skipped, stale or
+duplicate alike, so a bad record never blocks its partition). On every partition assignment the consumer
+seeks to them (partitions the manifest does not name start at the group's committed offset, else the
+earliest). The order after an update is: version durable (atomic rename) -> announced on
+``thumbtune.adapters`` -> producer flushed -> offsets committed. Commits are only an optimisation, so a
+crash anywhere re-reads from the newest manifest: events before it are never trained again, events
+after it are never lost. A version that was saved but not announced is announced on the next start
+(`learner.announce.announce_latest_if_missing`); event ids a producer sent twice are dropped against
+every manifest's ``event_ids`` (`Learner.admit`).
+
+Test hook: ``THUMBTUNE_LEARNER_TEST_PAUSE_AT=after_save`` (or ``after_announce``) makes the process log
+``test hook: paused at <point>`` once, the first time it reaches that point, and wait there until it is
+killed: the crash test uses it to kill the learner deterministically between save and commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from learner import metrics
+from learner.announce import Announcer, announce_latest_if_missing, announcement_for
+from learner.config import LearnerSettings
+from learner.progress import Progress
+from learner.trainer import Learner
+from thumbtune.broker import consumer_group_config, ensure_topics
+from thumbtune.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC, LEARNER_GROUP, FeedbackEvent
+from thumbtune.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TEST_PAUSE_ENV = "THUMBTUNE_LEARNER_TEST_PAUSE_AT"
+_POLL_MS = 500  # the longest a stop request waits for the consumer
+_RETRY_S = (0.5, 5.0)  # announcement retry back-off, first and longest
+
+
+class StopRequested(BaseException):
+    """Raised by the SIGINT/SIGTERM handler inside an update to abandon it (nothing is committed).
+
+    A BaseException so that no ``except Exception`` on the way swallows it.
+    """
+
+
+def offset_key(topic: str, partition: int) -> str:
+    """The manifest's key for a partition: 'topic:partition'."""
+    return f"{topic}:{partition}"
+
+
+class _SeekToManifest(ConsumerRebalanceListener):
+    """Whatever the group assigns, start where the newest version's manifest says."""
+
+    def __init__(self, loop: KafkaLearner) -> None:
+        self.loop = loop
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.loop.rewind(f"partitions {sorted(p.partition for p in revoked)} revoked")
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.loop.seek_assigned(assigned)
+
+
+class KafkaLearner:
+    """The consume -> batch -> train -> announce -> commit loop around one `Learner`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        learner_settings: LearnerSettings,
+        learner: Learner | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.learner_settings = learner_settings
+        self.learner = learner if learner is not None else Learner(settings, learner_settings)
+        self.progress = progress if progress is not None else Progress(learner_settings.batch_size, tty=False)
+        self.announcer = Announcer(settings)
+        store, latest = self.learner.store, self.learner.store.latest()
+        self.durable: dict[str, int] = dict(store.read_manifest(latest).offsets) if latest else {}
+        """Offsets of the newest version: where consumption restarts after a crash or a rebalance."""
+        self.positions: dict[str, int] = dict(self.durable)
+        """Next offset per partition after every record consumed so far (the next manifest's offsets)."""
+        self.first_seen: dict[str, int] = {}
+        """First offset read from partitions the manifest does not name: where a rewind goes back to."""
+        self.pending: list[FeedbackEvent] = []
+        self.pending_since: float | None = None
+        self.versions: list[str] = []
+        self.consumed = 0
+        self.lag: int | None = None
+        self.stopping = False
+        self._in_update = False
+        self._generation = 0  # bumped by every rewind: records polled before it are stale
+        self._paused: set[str] = set()
+        self._drops = metrics.DropCounter()
+        self._consumer: KafkaConsumer | None = None
+        metrics.set_version(self.learner.version)
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    def request_stop(self, why: str) -> None:
+        """Stop consuming; an update in progress is abandoned (its events are re-read on the next start)."""
+        if not self.stopping:
+            log.info("%s: stopping", why)
+        self.stopping = True
+        if self._in_update:
+            raise StopRequested(why)
+
+    # --- rebalances --------------------------------------------------------------------------------
+
+    def rewind(self, why: str) -> None:
+        """Forget everything consumed since the newest version; the next assignment re-reads it."""
+        if not self.stopping and (self.pending or self.positions != self.durable):
+            log.info("%s: re-reading from the newest version's offsets (%d buffered events dropped)",
+                     why, len(self.pending))
+        self.learner.admitted.difference_update(e.event_id for e in self.pending)
+        self.pending, self.pending_since = [], None
+        self.positions = dict(self.durable)
+        self._generation += 1
+
+    def seek_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Seek each assigned partition to the manifest's offset (or where it started since then).
+
+        Runs on kafka-python's IO loop, so it only seeks: no network calls here.
+        """
+        self.rewind("partitions assigned")
+        consumer = self._consumer
+        assert consumer is not None
+        for tp in sorted(set(assigned) | consumer.assignment()):
+            key = offset_key(tp.topic, tp.partition)
+            target = self.durable.get(key, self.first_seen.get(key))
+            if target is not None:
+                consumer.seek(tp, target)
+        log.info("assigned %s; manifest offsets %s", sorted(p.partition for p in assigned), self.durable or "none")
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def run(self, stop_when: Callable[[], bool] | None = None) -> list[str]:
+        """Consume and train until `request_stop` (a signal) or ``stop_when()``; return the versions written."""
+        ls = self.learner_settings
+        try:
+            ensure_topics(self.settings.kafka_bootstrap_servers, {
+                FEEDBACK_TOPIC: self.settings.feedback_partitions, ADAPTERS_TOPIC: self.settings.adapters_partitions,
+            })
+            self._with_retries("announce the newest version", lambda: announce_latest_if_missing(
+                self.settings, self.learner.store, self.announcer) or True)
+            self._consumer = self._subscribe()
+            log.info("consuming %s as %s from %s (batch %d, min %d after %.0f s)", FEEDBACK_TOPIC, LEARNER_GROUP,
+                     self.learner.version, ls.batch_size, ls.min_batch, ls.max_wait_s)
+            while not self.stopping and not (stop_when is not None and stop_when()):
+                self._consume(self._consumer.poll(timeout_ms=self._poll_ms()))
+                if self._due():
+                    self._cut(ls.min_batch)
+                self._observe()
+        except StopRequested as stop:
+            log.info("%s during an update: abandoned it; its events are trained after the restart", stop)
+        finally:
+            if self._consumer is not None:
+                self._consumer.close(autocommit=False)
+            self.announcer.close()
+        return self.versions
+
+    def _subscribe(self) -> KafkaConsumer:
+        group = consumer_group_config(self.settings)
+        group["max_poll_interval_ms"] = max(group["max_poll_interval_ms"],
+                                            int(self.learner_settings.max_update_s * 1000))
+        consumer = KafkaConsumer(  # ensure_topics has already said so clearly if no broker answers
+            bootstrap_servers=self.settings.kafka_bootstrap_servers, group_id=LEARNER_GROUP,
+            client_id="thumbtune-learner", enable_auto_commit=False, auto_offset_reset="earliest", **group,
+        )
+        self._consumer = consumer  # the listener seeks through it
+        consumer.subscribe([FEEDBACK_TOPIC], listener=_SeekToManifest(self))
+        return consumer
+
+    def _poll_ms(self) -> int:
+        if self.pending_since is None:
+            return _POLL_MS
+        left = self.pending_since + self.learner_settings.max_wait_s - time.monotonic()
+        return max(1, min(_POLL_MS, int(left * 1000)))
+
+    def _due(self) -> bool:
+        ls = self.learner_settings
+        return (self.pending_since is not None and len(self.pending) >= ls.min_batch
+                and time.monotonic() - self.pending_since >= ls.max_wait_s)
+
+    def _consume(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        generation = self._generation
+        for records in polled.values():
+            for record in records:
+                if self.stopping or self._generation != generation:
+                    return  # stopping, or a rewind: the rest is re-read from the rewound offsets
+                self._admit(record)
+                if len(self.pending) >= self.learner_settings.batch_size:
+                    self._cut(self.learner_settings.batch_size)
+
+    def _admit(self, record: ConsumerRecord) -> None:
+        key, offset = offset_key(record.topic, record.partition), record.offset
+        expected = self.positions.get(key)
+        if expected is not None and offset < expected:
+            log.warning("%s restarted at offset %d, before the %d the manifest expects: the topic was recreated "
+                        "(an embedded broker restarted?); reading it from there", key, offset, expected)
+        if key not in self.durable and key not in self.first_seen:
+            self.first_seen[key] = offset
+        self.positions[key] = offset + 1
+        self.consumed += 1
+        metrics.EVENTS_CONSUMED.inc()
+        event = self.learner.admit(record.value, f"{key}@{offset}")
+        if event is not None:
+            self.pending.append(event)
+            self.pending_since = self.pending_since or time.monotonic()
+
+    def _cut(self, at_least: int) -> None:
+        """Train on the buffer if, after dropping stale events, it still holds ``at_least``."""
+        self.pending = self.learner.drop_stale(self.pending)
+        if len(self.pending) < at_least:
+            if not self.pending:
+                self.pending_since = None
+            return
+        events, self.pending, self.pending_since = self.pending, [], None
+        offsets = dict(self.positions)  # covers exactly the records consumed into this batch
+        started = time.monotonic()
+        self._in_update = True
+        try:
+            version = self.learner.train(events, offsets)
+        finally:
+            self._in_update = False
+        self._drops.sync(self.learner.skips.total)
+        if version is None:
+            return  # nothing fresh: no version; these offsets ride along with the next one
+        self.durable = offsets
+        self.versions.append(version)
+        diagnostics = self.learner.store.read_manifest(version).diagnostics
+        metrics.record_update(version, len(events), time.monotonic() - started, diagnostics)
+        self.progress.trained(version, diagnostics)
+        self._pause_for_test("after_save")
+        announcement = announcement_for(self.learner.store, version)
+        if not self._with_retries(f"announce {version}", lambda: self.announcer.announce(announcement) or True):
+            return  # stopping before it went out: the next start announces it
+        metrics.ANNOUNCEMENTS.inc()
+        self._pause_for_test("after_announce")
+        self._commit(offsets)
+
+    def _commit(self, offsets: dict[str, int]) -> None:
+        """Commit the version's offsets for the partitions we own: an optimisation, manifests are the truth."""
+        consumer = self._consumer
+        assert consumer is not None
+        owned = {offset_key(tp.topic, tp.partition): tp for tp in consumer.assignment()}
+        commit = {owned[k]: OffsetAndMetadata(v, "", -1) for k, v in offsets.items() if k in owned}
+        try:
+            consumer.commit(commit)
+        except KafkaError as exc:
+            metrics.COMMIT_FAILURES.inc()
+            log.info("offset commit failed (%r); harmless, the manifest holds the offsets", exc)
+
+    def _with_retries(self, what: str, attempt: Callable[[], bool]) -> bool:
+        """Run ``attempt`` until it succeeds (True) or a stop is requested (False)."""
+        delay = _RETRY_S[0]
+        while True:
+            try:
+                return attempt()
+            except (KafkaError, OSError) as exc:
+                if self.stopping:
+                    return False
+                log.warning("could not %s (%r); retrying in %.1f s", what, exc, delay)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not self.stopping:
+                    time.sleep(0.1)
+                delay = min(delay * 2, _RETRY_S[1])
+
+    def _observe(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        lag = None
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag = (lag or 0) + max(0, highwater - consumer.position(tp))
+        self.lag = lag
+        if lag is not None:
+            metrics.CONSUMER_LAG.set(lag)
+        metrics.BUFFERED.set(len(self.pending))
+        self._drops.sync(self.learner.skips.total)
+        self.progress.show(self.learner.version, len(self.pending), self.consumed, lag,
+                           sum(self.learner.skips.total.values()))
+
+    def _pause_for_test(self, point: str) -> None:
+        if os.environ.get(TEST_PAUSE_ENV) != point or point in self._paused:
+            return
+        self._paused.add(point)
+        log.warning("test hook: paused at %s (version %s, pid %d)", point, self.learner.version, os.getpid())
+        while not self.stopping:
+            time.sleep(0.05)
+
+
+def run_learner(settings: Settings, learner_settings: LearnerSettings) -> int:
+    """`thumbtune learn`: serve /metrics, train until SIGINT/SIGTERM, exit 0."""
+    import torch
+
+    if settings.num_threads > 0:
+        torch.set_num_threads(settings.num_threads)
+    server = metrics.start_metrics_server(learner_settings.metrics_host, learner_settings.metrics_port)
+    progress = Progress(learner_settings.batch_size)
+    loop = KafkaLearner(settings, learner_settings, progress=progress)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        loop.request_stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with progress:
+            versions = loop.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.shutdown()
+    log.info("learner stopped at %s; versions written this run: %s", loop.learner.version,
+             " ".join(versions) or "none")
+    return 0

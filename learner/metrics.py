@@ -1,0 +1,136 @@
+"""Prometheus metrics of the learner, served on its own ``/metrics`` (THUMBTUNE_LEARNER_METRICS_PORT).
+
+Names start with ``thumbtune_learner_`` so a dashboard can scrape the server and the learner into one
+Prometheus without clashes. Label sets are bounded: the only label is the drop reason, and reason codes
+outside `DROP_REASONS` count as ``other`` (a producer sending garbage must not mint new series).
+
+Every diagnostic `learner.update.ppo_update` returns is a gauge holding the last update's value, so the
+quantities an RL practitioner watches first (approx-KL, clip fraction, explained variance, KL to the
+reference and its beta) are one query away.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as TallyCounter
+from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from thumbtune.contract import version_number
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = (
+    "not_json", "schema", "logprob_count", "fingerprint", "empty_prompt", "empty_response",
+    "token_out_of_vocab", "bad_logprob", "too_long", "bad_adapter_version", "duplicate", "stale",
+    "future_version",
+)
+"""The reason codes learner/events.py and learner/trainer.py produce; anything else is ``other``."""
+
+EVENTS_CONSUMED = Counter(
+    "thumbtune_learner_events_consumed_total", "Feedback records read from Kafka (valid or not)."
+)
+EVENTS_DROPPED = Counter(
+    "thumbtune_learner_events_dropped_total", "Feedback records not trained on, by reason code.", ["reason"]
+)
+EVENTS_TRAINED = Counter("thumbtune_learner_events_trained_total", "Events that went into a version.")
+CONSUMER_LAG = Gauge(
+    "thumbtune_learner_consumer_lag", "Feedback records not yet consumed: end offset - position, summed "
+    "over the learner's partitions."
+)
+BUFFERED = Gauge("thumbtune_learner_buffered_events", "Admitted events waiting for the next update.")
+BATCH_SIZE = Histogram(
+    "thumbtune_learner_batch_size", "Events per update.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+)
+UPDATE_DURATION = Histogram(
+    "thumbtune_learner_update_duration_seconds", "One update: PPO epochs plus writing the version.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+VERSIONS = Counter("thumbtune_learner_versions_total", "Adapter versions written by this process.")
+ANNOUNCEMENTS = Counter(
+    "thumbtune_learner_announcements_total", "Versions announced on thumbtune.adapters (re-announcements too)."
+)
+COMMIT_FAILURES = Counter(
+    "thumbtune_learner_commit_failures_total", "Offset commits that failed (harmless: manifests hold offsets)."
+)
+CURRENT_VERSION = Gauge("thumbtune_learner_current_version", "N of the adapter version v<N> in memory.")
+
+DIAGNOSTICS: dict[str, tuple[str, str]] = {
+    # ppo_update's name -> (metric name suffix, help)
+    "policy_loss": ("policy_loss", "Clipped surrogate loss, mean over minibatches."),
+    "value_loss": ("value_loss", "Clipped value loss, mean over minibatches."),
+    "entropy": ("entropy_nats", "Mean per-token entropy of pi_old."),
+    "approx_kl": ("approx_kl", "Approx-KL(pi_old || pi_theta) per token, mean over minibatches."),
+    "kl_ref": ("kl_ref_nats", "KL(pi_old || pi_ref) per response (sum over tokens), batch mean."),
+    "kl_ref_k3_per_token": ("kl_ref_k3_per_token_nats", "k3 estimate of KL(pi_old || pi_ref) per token."),
+    "beta": ("beta", "KL penalty coefficient used in the last update."),
+    "beta_next": ("beta_next", "KL penalty coefficient for the next update."),
+    "clipfrac": ("clip_fraction", "Fraction of tokens whose ratio was clipped."),
+    "explained_variance": ("explained_variance", "1 - Var(returns - V) / Var(returns)."),
+    "mean_reward": ("mean_reward", "Mean user reward of the last batch."),
+    "mean_normalized_reward": ("mean_normalized_reward", "Mean running-normalised reward of the last batch."),
+    "is_weight_mean": ("is_weight_mean", "Mean truncated importance weight min(c, pi_old / pi_b)."),
+    "is_ess": ("is_effective_sample_size", "Effective sample size fraction of the importance weights."),
+    "response_length": ("response_length_tokens", "Mean response length of the last batch."),
+    "response_length_drift": (
+        "response_length_drift_tokens", "Last batch's mean response length minus the running mean before it."
+    ),
+    "grad_norm": ("grad_norm", "Gradient norm before clipping, mean over minibatches."),
+    "n_tokens": ("tokens", "Response tokens in the last batch."),
+    "epochs": ("epochs", "Epochs the last update ran (fewer when it stopped early on approx-KL)."),
+    "early_stopped": ("early_stopped", "1 when the last update stopped early on approx-KL."),
+    "tokens_per_s": ("tokens_per_second", "Training throughput of the last update."),
+}
+_DIAGNOSTIC_GAUGES = {
+    name: Gauge(f"thumbtune_learner_{suffix}", help_) for name, (suffix, help_) in DIAGNOSTICS.items()
+}
+
+
+class DropCounter:
+    """Mirrors a `SkipCounter`'s running totals into EVENTS_DROPPED with bounded labels.
+
+    Why a diff and not a hook: the skip counter is shared with the file replay, which has no metrics.
+    """
+
+    def __init__(self) -> None:
+        self._seen: TallyCounter[str] = TallyCounter()
+
+    def sync(self, totals: Mapping[str, int]) -> None:
+        for code, total in totals.items():
+            new = total - self._seen[code]
+            if new > 0:
+                EVENTS_DROPPED.labels(reason=code if code in DROP_REASONS else "other").inc(new)
+                self._seen[code] = total
+
+
+def record_update(version: str, batch_size: int, seconds: float, diagnostics: Mapping[str, float]) -> None:
+    """Everything one finished update changes."""
+    VERSIONS.inc()
+    EVENTS_TRAINED.inc(batch_size)
+    BATCH_SIZE.observe(batch_size)
+    UPDATE_DURATION.observe(seconds)
+    set_version(version)
+    for name, gauge in _DIAGNOSTIC_GAUGES.items():
+        if name in diagnostics:
+            gauge.set(diagnostics[name])
+
+
+def set_version(version: str) -> None:
+    CURRENT_VERSION.set(version_number(version))
+
+
+def start_metrics_server(host: str, port: int) -> WSGIServer | None:
+    """Serve /metrics on host:port in a daemon thread; None when port is 0 (metrics off)."""
+    if port == 0:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise RuntimeError(
+            f"cannot serve the learner's /metrics on {host}:{port} ({exc.strerror}); set "
+            "THUMBTUNE_LEARNER_METRICS_PORT to a free port, or 0 to turn metrics off"
+        ) from exc
+    log.info("learner metrics on http://%s:%d/metrics", host, port)
+    return server
