@@ -1,7 +1,7 @@
 """`thumbtune up`: the whole system as child processes, with prefixed logs and a clean stop.
 
-Starts the embedded broker (unless THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS names another broker)
-and the server, waits until each is ready, prints where to reach them, and on Ctrl-C or
+Starts the embedded broker (unless THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS names another broker),
+the server and the learner, waits until each is ready, prints where to reach them, and on Ctrl-C or
 SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after a grace period), leaving no
 process behind. Each child also gets SIGTERM if this process dies without cleaning up.
 """
@@ -97,6 +97,9 @@ def _wait_http(url: str, child: Child, timeout: float) -> None:
 
 def up(settings: Settings) -> int:
     """Run until a signal or a child's death; returns the exit code."""
+    from learner.config import LearnerSettings
+
+    learner_settings = LearnerSettings()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -119,11 +122,19 @@ def up(settings: Settings) -> int:
         server.start(env)
         base = f"http://{settings.host}:{settings.port}"
         _wait_http(f"{base}/readyz", server, 600)
+        learner = Child("learner", [*exe, "learn"])
+        children.append(learner)
+        learner.start(env)
+        learner_metrics = "(off: THUMBTUNE_LEARNER_METRICS_PORT=0)"
+        if learner_settings.metrics_port:
+            learner_metrics = f"http://{learner_settings.metrics_host}:{learner_settings.metrics_port}/metrics"
+            _wait_http(learner_metrics, learner, 600)
         print(
             f"\n[up] thumbtune is ready.\n"
             f"[up]   API base:  {base}/v1   (OpenAI-compatible; model 'thumbtune')\n"
             f"[up]   Feedback:  POST {base}/v1/feedback\n"
-            f"[up]   Metrics:   {base}/metrics\n"
+            f"[up]   Metrics:   {base}/metrics (server), {learner_metrics} (learner)\n"
+            f"[up]   Adapters:  {settings.adapter_store_path}\n"
             f"[up]   Kafka:     {settings.kafka_bootstrap_servers}\n"
             f"[up] Ctrl-C stops everything.\n",
             flush=True,
@@ -139,7 +150,8 @@ def up(settings: Settings) -> int:
         code = 1
     finally:
         deadline = time.monotonic() + GRACE_S
-        for child in reversed(children):  # server first (it flushes feedback to the broker), then broker
+        # learner, then server (it flushes feedback to the broker), then broker
+        for child in reversed(children):
             child.terminate()
             child.wait_or_kill(deadline)
         print("[up] stopped", flush=True)
