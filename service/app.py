@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from service import errors
 from service.limits import GuardMiddleware
-from service.routers import admin, chat, feedback, health, models
+from service.routers import admin, chat, feedback, health, models, page
 from service.runtime import Runtime, build_runtime
 from service.serving_chat import ChatService
 from service.serving_feedback import FeedbackService
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.settings = settings
     errors.install(app)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
-    for module in (chat, feedback, models, health, admin):
+    for module in (chat, feedback, models, health, admin, page):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
     return app
