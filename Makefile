@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 TEST_STAMP := $(STAMP)-test
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test run test lint clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,21 @@ run: install
 	@$(BIN)/thumbtune model
 	@exec $(BIN)/thumbtune up
 
-test: install-test
+test: install-test chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The chat page's browser tests drive Debian's chromium (Playwright's own browser download is never used).
+CHROMIUM := /usr/bin/chromium
+
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's chromium for the chat page's browser tests (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; } \
+			|| echo "!!! apt-get could not install chromium: the chat page's browser tests will be SKIPPED !!!"; \
+	else \
+		echo "!!! $(CHROMIUM) is missing and apt-get cannot run here (needs root): the chat page's browser tests will be SKIPPED !!!"; \
+	fi
 
 lint: install-test
 	$(BIN)/ruff check .

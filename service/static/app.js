@@ -201,7 +201,7 @@
   // --- answers -------------------------------------------------------------------------------------
 
   function badge(adapter) {
-    return h("span", { class: "badge", title: "The adapter version that produced this answer" },
+    return h("span", { class: "badge badge-adapter", title: "The adapter version that produced this answer" },
       h("span", { class: "visually-hidden", text: "Adapter version " }),
       h("span", { "aria-hidden": "true", text: "adapter " }),
       h("span", { class: "badge-version", text: adapter || "?" }));
@@ -210,7 +210,7 @@
   // One answer card; `label` is "A"/"B" in compare mode, null for a single answer.
   function answerCard(label) {
     const body = h("div", { class: "msg-body", "aria-busy": "true" },
-      h("span", { class: "typing", "aria-label": "Writing an answer" }, h("i"), h("i"), h("i")));
+      h("span", { class: "typing", role: "img", "aria-label": "Writing an answer" }, h("i"), h("i"), h("i")));
     const meta = h("div", { class: "msg-meta" });
     const el = h("article", {
       class: "msg msg-assistant", "aria-label": label ? `Answer ${label}` : "Answer", "data-state": "streaming",
@@ -456,9 +456,11 @@
       if (!cards.some((c) => c.text)) turn.remove();
       userItem.classList.add("failed");
       if (err.status === 401) {
-        userItem.remove();
-        turn.remove();
-        askForKey(err, () => sendMessage(text));
+        turn.remove(); // the message stays in view (dimmed) until a key is saved and it is sent again
+        askForKey(err, () => {
+          userItem.remove();
+          sendMessage(text);
+        });
         return;
       }
       const retry = h("button", { type: "button", class: "btn btn-ghost btn-small", text: "Try again" });
