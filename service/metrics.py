@@ -6,6 +6,8 @@ feedback kinds and values are enums. No prompt text ever becomes a label.
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -54,3 +56,50 @@ SPOOL_REJECTED = Counter("thumbtune_spool_rejected_total", "Feedback refused wit
 BROKER_UP = Gauge("thumbtune_broker_up", "1 when the last publish attempt reached Kafka.")
 
 ACTIVE_ADAPTER = Gauge("thumbtune_active_adapter_info", "1 for the adapter version that is live.", ["adapter_version"])
+
+ADAPTER_SWAP_LATENCY = Histogram(
+    "thumbtune_adapter_swap_latency_seconds",
+    "From receiving an adapter announcement to that version being live (checks, load, KL probe).",
+    buckets=_LATENCY_BUCKETS,
+)
+ADAPTER_SWAPS = Counter(
+    "thumbtune_adapter_swaps_total", "Changes of the live adapter version, by what caused them.", ["trigger"]
+)
+"""trigger: announcement, catchup (found in the store after a group join), startup, pin, unpin, rollback."""
+ADAPTER_REFUSED = Counter(
+    "thumbtune_adapter_refused_total", "Adapter versions refused before going live, by the check that failed.",
+    ["reason"],
+)
+"""reason: sha256, fingerprint, shape, nonfinite, kl_live, kl_base, load_error."""
+ADAPTER_PROBE_KL = Gauge(
+    "thumbtune_adapter_probe_kl", "KL of the last checked version on the probe prompts (nats per token).",
+    ["against"],
+)
+"""against: live, base."""
+
+
+class ApprovalTally:
+    """Ratings and approvals per adapter version in this process, for /admin/adapters.
+
+    The Prometheus counters above carry the same numbers, but reading a counter back is not
+    what they are for; this is a plain dict behind a lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}
+
+    def record(self, adapter_version: str, reward: float) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(adapter_version, [0, 0])
+            counts[0] += 1
+            counts[1] += reward > 0
+
+    def get(self, adapter_version: str) -> tuple[int, int]:
+        """(ratings, approvals) of a version so far."""
+        with self._lock:
+            ratings, approvals = self._counts.get(adapter_version, (0, 0))
+            return ratings, approvals
+
+
+APPROVALS = ApprovalTally()

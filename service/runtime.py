@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from service.adapter_follower import AdapterFollower
+from service.adapter_manager import AdapterManager
 from service.engine.adapters import BASE, AdapterRegistry, with_empty_adapter
 from service.engine.engine import Engine
 from service.publisher import FeedbackPublisher
@@ -32,6 +34,8 @@ class Runtime:
     model_id: str
     fingerprint: str
     max_context: int
+    adapter_manager: AdapterManager | None = None
+    follower: AdapterFollower | None = None
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
@@ -43,6 +47,8 @@ class Runtime:
         return ["thumbtune", *(f"thumbtune@{v}" for v in self.adapters.versions()), BASE]
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         self.engine.stop()
         self.publisher.close()
         self.store.close()
@@ -62,7 +68,15 @@ def build_runtime(settings: Settings) -> Runtime:
     publisher = FeedbackPublisher(settings)
     engine.start()
     publisher.start()
+    manager = AdapterManager(settings, engine, adapters, base.tokenizer, base.fingerprint)
+    try:
+        manager.start_up()
+    except Exception:
+        log.exception("loading the newest adapter version at start-up failed; serving %s", adapters.live)
+    follower = AdapterFollower(settings, manager) if settings.adapter_follow else None
+    if follower is not None:
+        follower.start()
     log.info("serving %s (fingerprint %s) with adapter %s, context %d", base.model_id, base.fingerprint,
              adapters.live, max_context)
     return Runtime(settings, engine, adapters, base.tokenizer, store, publisher, base.model_id, base.fingerprint,
-                   max_context)
+                   max_context, manager, follower)

@@ -95,6 +95,7 @@ class FeedbackService:
         for ev in events:
             metrics.FEEDBACK.labels(ev.kind.value, str(ev.value), ev.adapter_version).inc()
             metrics.FEEDBACK_REWARD.labels(ev.adapter_version).inc(ev.reward)
+            metrics.APPROVALS.record(ev.adapter_version, ev.reward)
             if ev.reward > 0:
                 metrics.FEEDBACK_APPROVALS.labels(ev.adapter_version).inc()
         return FeedbackAccepted(status="accepted", event_ids=[e.event_id for e in events]), 202

@@ -57,6 +57,21 @@ class Settings(BaseSettings):
 
     # --- adapters --------------------------------------------------------------------------------
     adapter_store: str = Field("", description="Adapter store directory; default <cache_dir>/adapters.")
+    adapter_follow: bool = Field(
+        True, description="Follow thumbtune.adapters and make each new version that passes its checks live "
+        "(off: no consumer; start-up still loads the newest good version, admin pin/rollback still work).",
+    )
+    adapter_max_kl_live: float = Field(
+        0.5, ge=0, description="Refuse a new version whose KL(new || live) on the probe prompts exceeds this "
+        "(nats per token, mean over probe positions).",
+    )
+    adapter_max_kl_base: float = Field(
+        2.0, ge=0, description="Refuse a version whose KL(new || base) on the probe prompts exceeds this "
+        "(nats per token, mean over probe positions).",
+    )
+    adapter_probe_prompts: int = Field(
+        4, ge=0, le=8, description="Probe prompts (fixed, built in) for the KL checks; 0 = no KL check.",
+    )
 
     # --- API ----------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Server bind address.")

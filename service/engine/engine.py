@@ -7,6 +7,11 @@ A scheduler thread owns the model. Each iteration it
 Every sequence keeps its own sampling parameters, stop conditions and adapter; a batch
 mixing adapters runs through peft's per-row ``adapter_names``. For every generated token
 the engine emits the token id and its behaviour log-prob (see service.engine.sampling).
+
+Anything else that touches the model (loading or unloading an adapter, a probe forward) goes
+through `Engine.call`: the function runs on the scheduler thread between two steps (at once
+when idle), so it never races a forward pass. Keep such commands short: every running
+sequence waits for them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -29,6 +36,8 @@ from service.engine.text import Detokenizer
 from thumbtune.contract import SamplingParams
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,8 +76,8 @@ class Sequence:
 class Engine:
     def __init__(
         self,
-        model,  # noqa: ANN001 - a peft PeftModel over a causal LM
-        tokenizer,  # noqa: ANN001
+        model,
+        tokenizer,
         adapters: AdapterRegistry,
         *,
         max_batch_size: int = 16,
@@ -84,6 +93,7 @@ class Engine:
         self.eos_ids.add(tokenizer.eos_token_id)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._waiting: deque[Sequence] = deque()
+        self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wakeup = threading.Condition()
         self._running: list[Sequence] = []
         self._cache: DynamicCache | None = None
@@ -116,6 +126,20 @@ class Engine:
             metrics.QUEUE_DEPTH.set(len(self._waiting))
             self._wakeup.notify()
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn()`` on the engine thread between two steps (no forward pass runs meanwhile).
+
+        It runs with autograd off (no_grad, outside inference mode, so tensors it creates, such as
+        adapter weights, are ordinary ones). The future holds its result or its exception.
+        """
+        future: Future[T] = Future()
+        with self._wakeup:
+            if self._stopping or not self.alive:
+                raise RuntimeError("engine is not running")
+            self._commands.append((fn, future))
+            self._wakeup.notify()
+        return future
+
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
 
@@ -134,27 +158,57 @@ class Engine:
             while True:
                 admitted = self._admit()
                 if admitted is None:
+                    self._fail_commands()
                     return
+                self._run_commands()
                 try:
                     if admitted:
                         self._prefill(admitted)
                     if self._running:
                         self._decode()
-                except Exception as exc:  # noqa: BLE001 - a failed step must fail its requests, not the engine
+                except Exception as exc:  # a failed step must fail its requests, not the engine
                     log.exception("generation step failed")
                     for seq in self._running + (admitted or []):
                         if seq.finish_reason is None:
                             seq.finish_reason = "error"
                             seq.emit(TokenEvent(None, None, "", "error", f"generation failed: {exc}"))
                     self._running, self._cache, self._mask = [], None, None
-                self.adapters.collect(in_use={s.adapter for s in self._running})
+                self.adapters.collect(in_use=self._in_use())
+
+    def _run_commands(self) -> None:
+        with self._wakeup:
+            commands, self._commands = list(self._commands), deque()
+        for fn, future in commands:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    future.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 - whatever it raised, the caller gets it from the future
+                future.set_exception(exc)
+
+    def _fail_commands(self) -> None:
+        with self._wakeup:
+            commands, self._commands = list(self._commands), deque()
+        for _, future in commands:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("engine stopped before the command ran"))
+
+    def _in_use(self) -> set[str]:
+        """Adapter names some waiting or running sequence is bound to ('' = whatever is live)."""
+        with self._wakeup:
+            waiting = {s.adapter for s in self._waiting}
+        return waiting | {s.adapter for s in self._running}
 
     def _admit(self) -> list[Sequence] | None:
         """Waiting sequences that fit; blocks while idle. None once stopping and drained."""
         with self._wakeup:
-            while not self._waiting and not self._running:
+            while not self._waiting and not self._running and not self._commands:
                 if self._stopping:
                     return None
+                if self.adapters.retiring():  # idle: wake up now and then to unload retired versions
+                    self._wakeup.wait(1.0)
+                    return []
                 self._wakeup.wait()
             if self._stopping:
                 for seq in self._waiting:
