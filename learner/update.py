@@ -13,6 +13,13 @@
 
 pi_old is this update's starting policy, recomputed here, not the log-probs the server recorded:
 the served answer may come from an older version, and that gap is what w corrects.
+
+Memory: on CPU no forward pass holds more than `CPU_FORWARD_TOKENS` padded tokens. The no-grad passes of
+step 1 run over row chunks; a minibatch over the budget runs as micro-batches whose losses are weighted
+by their share of the minibatch's response tokens, so their gradients add up to the minibatch's (every
+loss term is a token mean) and the optimizer still steps once per minibatch. Only memory changes: the
+activations autograd keeps (~1.2 GB per 1,000 tokens for SmolLM2-135M in float32) stay bounded
+whatever the answers' lengths, and freed activations are reused instead of growing the heap.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from learner.policy import Batch, Policy
+from learner.policy import Batch, Policy, PolicyOutput
 from learner.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -93,6 +100,34 @@ class LearnerState:
         self.updates = int(state["updates"])
 
 
+CPU_FORWARD_TOKENS = 1024
+"""Most padded tokens (rows x columns) one forward pass holds on CPU; CUDA runs whole (mini)batches."""
+
+
+def row_chunks(batch: Batch, index: Tensor, max_tokens: int | None) -> list[Tensor]:
+    """``index`` split into the fewest near-equal row chunks of at most ``max_tokens`` padded tokens each
+    (a single row may exceed it); None: one chunk."""
+    if max_tokens is None:
+        return [index]
+    width = int(batch.attention_mask[index].sum(1).max())
+    return list(index.tensor_split(min(len(index), math.ceil(len(index) * width / max_tokens))))
+
+
+def forward_chunked(policy: Policy, batch: Batch, max_tokens: int | None, **kwargs: bool) -> PolicyOutput:
+    """`Policy.forward_batch` over row chunks, each output right-padded back to the batch's T with zeros
+    (what the masked outputs hold on padding anyway)."""
+    chunks = [policy.forward_batch(batch.subset(index), **kwargs)
+              for index in row_chunks(batch, torch.arange(len(batch), device=policy.device), max_tokens)]
+    width = batch.mask.shape[1]
+
+    def joined(parts: list[Tensor | None]) -> Tensor | None:
+        if parts[0] is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part in parts])
+
+    return PolicyOutput(*(joined(list(parts)) for parts in zip(*chunks, strict=True)))
+
+
 def importance_weights(policy: Policy, batch: Batch, c: float) -> Tensor:
     """w_t = min(c, pi(a_t) / pi_b(a_t)) of the policy's current weights on a batch, [B, T], no gradient."""
     with torch.no_grad():
@@ -106,11 +141,12 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
     started = time.perf_counter()
     batch = batch.to(policy.device)
     mask = batch.mask
+    max_tokens = CPU_FORWARD_TOKENS if policy.device.type == "cpu" else None
 
     # 1. the starting policy, the reference, the critic
     with torch.no_grad():
-        old = policy.forward_batch(batch, with_values=True, with_entropy=True, tempered=True)
-        ref = policy.forward_batch(batch, with_values=False, reference=True)
+        old = forward_chunked(policy, batch, max_tokens, with_values=True, with_entropy=True, tempered=True)
+        ref = forward_chunked(policy, batch, max_tokens, with_values=False, reference=True)
     old_logprobs, old_values = old.logprobs, old.values
 
     # 2-5. rewards, advantages, importance weights
@@ -132,22 +168,28 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
         epoch_kl = []
         for index in torch.randperm(len(batch), generator=state.generator).split(cfg.minibatch_size):
             index = index.to(policy.device)
-            mb = batch.subset(index)
-            cols = slice(0, mb.mask.shape[1])
-            new = policy.forward_batch(mb, with_values=True, with_entropy=cfg.ent_coef > 0)
-            loss, diag = ppo_minibatch_loss(
-                new.logprobs, old_logprobs[index, cols], advantages[index, cols], new.values,
-                old_values[index, cols], returns[index, cols], mb.mask, cfg,
-                is_weights=is_weights[index, cols], entropy=new.entropy,
-            )
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            tokens = mask[index].sum().item()
+            minibatch: dict[str, float] = defaultdict(float)
+            for part in row_chunks(batch, index, max_tokens):  # one part unless over the token budget
+                mb = batch.subset(part)
+                cols = slice(0, mb.mask.shape[1])
+                new = policy.forward_batch(mb, with_values=True, with_entropy=cfg.ent_coef > 0)
+                loss, diag = ppo_minibatch_loss(
+                    new.logprobs, old_logprobs[part, cols], advantages[part, cols], new.values,
+                    old_values[part, cols], returns[part, cols], mb.mask, cfg,
+                    is_weights=is_weights[part, cols], entropy=new.entropy,
+                )
+                share = mb.mask.sum().item() / max(tokens, 1.0)  # token means: shares add up to 1 exactly
+                (loss * share).backward()
+                for name in ("policy_loss", "value_loss", "approx_kl", "clipfrac"):
+                    minibatch[name] += share * diag[name]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             state.optimizer.step()
-            for name in ("policy_loss", "value_loss", "approx_kl", "clipfrac"):
-                stats[name].append(diag[name])
+            for name, value in minibatch.items():
+                stats[name].append(value)
             stats["grad_norm"].append(float(grad_norm))
-            epoch_kl.append(diag["approx_kl"])
+            epoch_kl.append(minibatch["approx_kl"])
         epochs_run += 1
         if cfg.target_kl_early_stop is not None and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl_early_stop:
             early_stopped = True

@@ -81,7 +81,8 @@ def serve(port: int) -> None:
         max_tokens = int(body.get("max_tokens") or 256)
 
         def generate() -> tuple[list[int], list[int]]:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False)
             input_ids = torch.tensor([list(ids)], dtype=torch.long)
             with torch.inference_mode():
                 out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
@@ -93,7 +94,8 @@ def serve(port: int) -> None:
         finish = "stop" if completion and completion[-1] == tok.eos_token_id else "length"
         return JSONResponse({
             "id": "naive", "object": "chat.completion", "created": int(time.time()), "model": "naive",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish}],
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(completion),
                       "total_tokens": len(prompt) + len(completion)},
         })
@@ -135,8 +137,8 @@ def ceiling(max_tokens: int, batches: list[int], repeats: int) -> dict:
             t1 = time.perf_counter()
             for step in range(steps - 1):  # the prefill gave token 1 of `steps`
                 mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
-                out = model(input_ids=nxt, attention_mask=mask, position_ids=lengths + step, past_key_values=cache,
-                            use_cache=True)
+                out = model(input_ids=nxt, attention_mask=mask, position_ids=lengths + step,
+                            past_key_values=cache, use_cache=True)
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1

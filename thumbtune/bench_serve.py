@@ -1,6 +1,7 @@
 """`thumbtune bench serve`: thumbtune vs a naive server vs the raw batched-decode ceiling.
 
-One run on the configured model (default: the embedded SmolLM2-135M-Instruct). 1. ceiling: batched greedy decode with no server (thumbtune.bench_naive, own process);
+One run on the configured model (default: the embedded SmolLM2-135M-Instruct):
+1. ceiling: batched greedy decode with no server (thumbtune.bench_naive, own process);
 2. thumbtune: the real server (`thumbtune serve`) in a subprocess at 1, 4 and 16 concurrent clients,
    then ~300 sequential ratings on /v1/feedback (Kafka points at a closed port: events are spooled);
 3. naive: a one-request-at-a-time HF ``generate`` server (bench_naive), same client load.
@@ -35,15 +36,11 @@ from thumbtune.settings import Settings
 LEVELS = (1, 4, 16)
 FEEDBACK_RATINGS = 300
 FEEDBACK_WARMUP = 5
-NAIVE_LEVEL_BUDGET_S = 90.0
-"""Past this projected time a naive level sends fewer requests per client (same work per request)."""
+NAIVE_LEVEL_BUDGET_S = 90.0  # a naive level sends fewer requests past this (same work per request)
 READY_TIMEOUT_S = 300.0
 TARGETS = {"vs_naive_16": 3.0, "vs_ceiling_16": 0.70, "rss_gib": 1.5, "feedback_p99_ms": 5.0}
 
 console = Console()
-
-
-# --- subprocesses ---------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -81,8 +78,8 @@ class CpuNoise:
 
     def _ours_and_all(self) -> tuple[float, float]:
         t = os.times()
-        ours = t.user + t.system + t.children_user + t.children_system + (cpu_seconds(self.pid) if self.pid else 0)
-        return ours, cpu_seconds()
+        server = cpu_seconds(self.pid) if self.pid else 0.0
+        return t.user + t.system + t.children_user + t.children_system + server, cpu_seconds()
 
     def cores(self) -> float:
         (ours0, all0), (ours1, all1) = self.start, self._ours_and_all()
@@ -129,15 +126,6 @@ class ServerProcess:
 _LIVE: set[ServerProcess] = set()
 
 
-def _stop_all() -> None:
-    for server in list(_LIVE):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-# --- load generation --------------------------------------------------------------------------------------
-
-
 @dataclass
 class LevelResult:
     server: str
@@ -164,12 +152,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def chat_body(prompt_index: int, max_tokens: int) -> dict:
-    return {"model": "thumbtune", "messages": [{"role": "user", "content": PROMPTS[prompt_index % len(PROMPTS)]}],
-            "max_tokens": max_tokens, "temperature": 0}
+    message = {"role": "user", "content": PROMPTS[prompt_index % len(PROMPTS)]}
+    return {"model": "thumbtune", "messages": [message], "max_tokens": max_tokens, "temperature": 0}
 
 
-async def run_level(server: ServerProcess, clients: int, per_client: int, max_tokens: int) -> LevelResult:
-    """`clients` concurrent clients, each sending `per_client` requests back to back (closed loop)."""
+async def run_level(server: ServerProcess, clients: int, per_client: int, max_tokens: int,
+                    budget_s: float | None = None) -> LevelResult:
+    """`clients` concurrent clients, each sending `per_client` requests back to back (closed loop);
+    past `budget_s` a client sends no further request (each still sends one)."""
     latencies: list[float] = []
     tokens = errors = 0
     answers: dict[int, str] = {}
@@ -178,8 +168,10 @@ async def run_level(server: ServerProcess, clients: int, per_client: int, max_to
     async def client(http: httpx.AsyncClient, c: int) -> None:
         nonlocal tokens, errors
         for j in range(per_client):
+            if j and budget_s and time.perf_counter() - t0 > budget_s:
+                break
             index = (c * per_client + j) % len(PROMPTS)
-            t0 = time.perf_counter()
+            sent = time.perf_counter()
             try:
                 r = await http.post(server.url + "/v1/chat/completions", json=chat_body(index, max_tokens))
                 r.raise_for_status()
@@ -187,7 +179,7 @@ async def run_level(server: ServerProcess, clients: int, per_client: int, max_to
                 errors += 1
                 console.print(f"[red]{server.name}: request failed: {exc!r}")
                 continue
-            latencies.append(time.perf_counter() - t0)
+            latencies.append(time.perf_counter() - sent)
             body = r.json()
             tokens += body["usage"]["completion_tokens"]
             answers.setdefault(index, body["choices"][0]["message"]["content"])
@@ -200,8 +192,8 @@ async def run_level(server: ServerProcess, clients: int, per_client: int, max_to
         await asyncio.gather(*(client(http, c) for c in range(clients)))
         wall = time.perf_counter() - t0
     return LevelResult(server.name, clients, len(latencies), tokens, wall, tokens / wall if wall else 0.0,
-                       percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, errors, noise.cores(),
-                       answers, rids)
+                       percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, errors,
+                       noise.cores(), answers, rids)
 
 
 async def feedback_bench(url: str, response_ids: list[str], n: int) -> dict:
@@ -223,7 +215,8 @@ async def feedback_bench(url: str, response_ids: list[str], n: int) -> dict:
         statuses: dict[int, int] = {}
         for k, rid in enumerate(ids[: n + FEEDBACK_WARMUP]):
             t0 = time.perf_counter()
-            r = await http.post(url + "/v1/feedback", json={"response_id": rid, "thumb": "up" if k % 2 else "down"})
+            rating = {"response_id": rid, "thumb": "up" if k % 2 else "down"}
+            r = await http.post(url + "/v1/feedback", json=rating)
             latencies.append(time.perf_counter() - t0)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         latencies = latencies[FEEDBACK_WARMUP:]
@@ -246,7 +239,8 @@ def measure_ceiling(settings: Settings, max_tokens: int) -> dict:
     argv = [sys.executable, "-m", "thumbtune.bench_naive", "ceiling", "--max-tokens", str(max_tokens),
             "--batches", "1,16", "--repeats", "2"]
     noise = CpuNoise()
-    proc = subprocess.run(argv, check=False, env=_base_env(settings), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(argv, check=False, env=_base_env(settings), capture_output=True, text=True,
+                          timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("CEILING "):
             return json.loads(line[len("CEILING "):]) | {"other_cores": noise.cores()}
@@ -265,12 +259,13 @@ def bench_server(server: ServerProcess, requests_per_client: int, max_tokens: in
         per_client = requests_per_client
         if naive and service_s:  # keep the naive run bounded: fewer requests, same work per request
             per_client = max(1, min(per_client, int(NAIVE_LEVEL_BUDGET_S / (service_s * clients))))
-        res = asyncio.run(run_level(server, clients, per_client, max_tokens))
+        budget = NAIVE_LEVEL_BUDGET_S if naive else None
+        res = asyncio.run(run_level(server, clients, per_client, max_tokens, budget))
         if clients == 1:
             service_s = res.wall_s / max(res.requests, 1)
         console.print(f"  {clients:>2} clients: {res.requests} requests, {res.completion_tokens} tokens in "
-                      f"{res.wall_s:.1f} s = {res.tok_s:.1f} tok/s, p50 {res.p50_ms:.0f} ms, p99 {res.p99_ms:.0f} ms"
-                      f" (other processes: {res.other_cores:.2f} cores)")
+                      f"{res.wall_s:.1f} s = {res.tok_s:.1f} tok/s, p50 {res.p50_ms:.0f} ms, "
+                      f"p99 {res.p99_ms:.0f} ms (other processes: {res.other_cores:.2f} cores)")
         levels.append(res)
     feedback = None
     if not naive:
@@ -290,9 +285,9 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
         table.add_column(col, justify="left" if col == "server" else "right")
     for name, res in (("thumbtune", tt), ("naive", naive)):
         for lv in res["levels"]:
-            table.add_row(name, str(lv.clients), str(lv.requests), str(lv.completion_tokens), f"{lv.wall_s:.1f}",
-                          f"{lv.tok_s:.1f}", f"{lv.p50_ms:.0f}", f"{lv.p99_ms:.0f}", str(lv.errors),
-                          f"{lv.other_cores:.2f}")
+            table.add_row(name, str(lv.clients), str(lv.requests), str(lv.completion_tokens),
+                          f"{lv.wall_s:.1f}", f"{lv.tok_s:.1f}", f"{lv.p50_ms:.0f}", f"{lv.p99_ms:.0f}",
+                          str(lv.errors), f"{lv.other_cores:.2f}")
         table.add_section()
     for batch, c in ceiling["runs"].items():
         table.add_row(f"ceiling (batch {batch}, no server)", batch, "-", str(c["batch"] * c["steps"]),
@@ -301,30 +296,34 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
     console.print(table)
     noisy = max([ceiling["other_cores"]] + [lv.other_cores for r in (tt, naive) for lv in r["levels"]])
     if noisy > 0.15:
-        console.print(f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's {os.cpu_count()} "
-                      "cores busy during some phases (column 'other CPU'): those figures are noisy; rerun when idle")
+        console.print(f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
+                      f"{os.cpu_count()} cores busy (column 'other CPU'): those figures are noisy; "
+                      "rerun when the machine is idle")
 
     tt16 = {lv.clients: lv for lv in tt["levels"]}
     nv16 = {lv.clients: lv for lv in naive["levels"]}
     ceil16 = ceiling["runs"]["16"]
     vs_naive = {c: tt16[c].tok_s / nv16[c].tok_s if nv16[c].tok_s else float("inf") for c in LEVELS}
     vs_ceiling = tt16[16].tok_s / ceil16["tok_s"]
-    vs_decode_only = tt16[16].tok_s / ceil16["decode_only_tok_s"] if ceil16["decode_only_tok_s"] else float("nan")
+    vs_decode_only = tt16[16].tok_s / (ceil16["decode_only_tok_s"] or float("nan"))
     rss_gib = tt["rss_peak_bytes"] / 2**30
     fb = tt["feedback"]
-    same = [tt16[c].answers[i] == nv16[c].answers[i] for c in LEVELS for i in nv16[c].answers if i in tt16[c].answers]
+    same = [tt16[c].answers[i] == nv16[c].answers[i]
+            for c in LEVELS for i in nv16[c].answers if i in tt16[c].answers]
 
-    console.print(f"ceiling decode-only (prefill excluded), batch 16: {ceil16['decode_only_tok_s']:.1f} tok/s; "
-                  f"batch 1: {ceiling['runs']['1']['tok_s']:.1f} tok/s; torch threads {ceiling['threads']}")
+    console.print(f"ceiling decode-only (prefill excluded), batch 16: {ceil16['decode_only_tok_s']:.1f} "
+                  f"tok/s; batch 1: {ceiling['runs']['1']['tok_s']:.1f} tok/s; "
+                  f"torch threads {ceiling['threads']}")
     console.print("thumbtune / naive tok/s: " + ", ".join(f"{c} clients {vs_naive[c]:.2f}x" for c in LEVELS))
-    console.print(f"identical greedy answers, thumbtune vs naive (same prompt and level): {sum(same)}/{len(same)}")
-    console.print(f"feedback: broker unreachable on purpose (broker_up={fb['broker_up']}), events spooled on disk "
-                  f"(spool depth {fb['spool_depth']}); statuses {fb['statuses']}; "
+    console.print(f"identical greedy answers, thumbtune vs naive (same prompt and level): "
+                  f"{sum(same)}/{len(same)}")
+    console.print(f"feedback: broker unreachable on purpose (broker_up={fb['broker_up']}), events spooled "
+                  f"on disk (spool depth {fb['spool_depth']}); statuses {fb['statuses']}; "
                   f"{fb['warmup']} warm-up ratings not counted; max {fb['max_ms']:.2f} ms")
     if any(lv.requests < nv16[1].requests * lv.clients for lv in naive["levels"][1:]):
-        console.print(f"note: naive levels capped at ~{NAIVE_LEVEL_BUDGET_S:.0f} s of requests (fewer requests per "
-                      "client, same work each; tok/s is a rate; naive p50/p99 at high concurrency are then "
-                      "optimistic, since the queue never reaches steady state)")
+        console.print(f"note: naive levels capped at ~{NAIVE_LEVEL_BUDGET_S:.0f} s of requests (fewer "
+                      "requests per client, same work each; tok/s is a rate; naive p50/p99 at high "
+                      "concurrency are then optimistic, since the queue never reaches steady state)")
 
     targets = Table(title="targets")
     for col in ("check", "measured", "target", ""):
@@ -343,7 +342,8 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
     for name, measured, target, ok in checks:
         targets.add_row(name, measured, target, "[green]PASS[/]" if ok else "[red]MISS[/]")
     console.print(targets)
-    console.print(f"naive server peak RSS {naive['rss_peak_bytes'] / 2**30:.2f} GiB; whole bench {elapsed:.0f} s")
+    console.print(f"naive server peak RSS {naive['rss_peak_bytes'] / 2**30:.2f} GiB; "
+                  f"whole bench {elapsed:.0f} s")
 
     return {
         "max_tokens": max_tokens, "levels": list(LEVELS), "prompts": PROMPTS, "elapsed_s": elapsed,
@@ -362,7 +362,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run(settings: Settings, out: Path | None = None, requests_per_client: int = 4, max_tokens: int = 64) -> dict:
+def run(settings: Settings, out: Path | None = None, requests_per_client: int = 4,
+        max_tokens: int = 64) -> dict:
     started = time.perf_counter()
     previous = None
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
@@ -372,10 +373,11 @@ def run(settings: Settings, out: Path | None = None, requests_per_client: int = 
             console.print(f"[bold]ceiling[/]: batched greedy decode, no server, {max_tokens} steps ...")
             ceiling = measure_ceiling(settings, max_tokens)
             for batch, r in ceiling["runs"].items():
-                console.print(f"  batch {batch}: {r['tok_s']:.1f} tok/s ({r['decode_only_tok_s']:.1f} decode-only)")
+                console.print(f"  batch {batch}: {r['tok_s']:.1f} tok/s "
+                              f"({r['decode_only_tok_s']:.1f} decode-only)")
             env, port = _base_env(settings), free_port()
-            env.update({"THUMBTUNE_HOST": "127.0.0.1", "THUMBTUNE_PORT": str(port),
-                        "THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # closed: nothing listens
+            env.update({"THUMBTUNE_HOST": "127.0.0.1", "THUMBTUNE_PORT": str(port),  # Kafka: a closed port
+                        "THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
                         "THUMBTUNE_SPOOL_DIR": str(Path(tmp) / "spool"), "THUMBTUNE_LOG_LEVEL": "warning",
                         "THUMBTUNE_REDIS_URL": "", "THUMBTUNE_API_KEYS": ""})
             argv = [sys.executable, "-m", "thumbtune.cli", "serve"]
@@ -387,7 +389,8 @@ def run(settings: Settings, out: Path | None = None, requests_per_client: int = 
                                  requests_per_client, max_tokens, naive=True)
             result = report(ceiling, tt, naive, max_tokens, time.perf_counter() - started)
         finally:
-            _stop_all()  # before the temp dir (logs, spool) goes
+            for server in list(_LIVE):  # before the temp dir (logs, spool) goes
+                server.stop()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
     if out:

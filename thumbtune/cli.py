@@ -112,5 +112,17 @@ def bench_serve(
     run(_settings(), out=out, requests_per_client=requests_per_client, max_tokens=max_tokens)
 
 
+@bench_app.command("learn")
+def bench_learn(
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+    repeats: int = typer.Option(3, min=1, help="Runs of each contender (interleaved); medians are reported."),
+    trl: bool = typer.Option(True, "--trl/--no-trl", help="Include TRL's GRPOTrainer (the bench extra)."),
+) -> None:
+    """PPO update throughput on 64 fixed rated answers: the learner vs the floor of any PPO update vs TRL."""
+    from thumbtune.bench_learn import run
+
+    run(_settings(), out=out, repeats=repeats, with_trl=trl)
+
+
 if __name__ == "__main__":
     app()
