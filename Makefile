@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 TEST_STAMP := $(STAMP)-test
 
-.PHONY: install install-test run test lint clean chromium
+.PHONY: install install-test run test lint clean chromium prometheus
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,7 @@ run: install
 	@$(BIN)/thumbtune model
 	@exec $(BIN)/thumbtune up
 
-test: install-test chromium
+test: install-test chromium prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The chat page's browser tests drive Debian's chromium (Playwright's own browser download is never used).
@@ -47,8 +47,23 @@ chromium:
 		echo "!!! $(CHROMIUM) is missing and apt-get cannot run here (needs root): the chat page's browser tests will be SKIPPED !!!"; \
 	fi
 
+# promtool checks deploy/prometheus; a real Prometheus scrapes a running server and learner in the tests.
+# Both come from Debian's prometheus package (its service is not started: the tests run their own).
+PROMTOOL := /usr/bin/promtool
+
+prometheus:
+	@if [ -x $(PROMTOOL) ] && [ -x /usr/bin/prometheus ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's prometheus for the alert-rule and scrape tests (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+			|| echo "!!! apt-get could not install prometheus: the promtool and Prometheus scrape tests will be SKIPPED !!!"; \
+	else \
+		echo "!!! $(PROMTOOL) is missing and apt-get cannot run here (needs root): the promtool and Prometheus scrape tests will be SKIPPED !!!"; \
+	fi
+
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

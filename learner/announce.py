@@ -21,8 +21,19 @@ from thumbtune.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SUMMARY_STATS = ("mean_reward", "kl_ref", "beta", "approx_kl", "clipfrac", "entropy", "explained_variance",
-                 "is_ess", "policy_loss", "value_loss", "response_length_drift")
+SUMMARY_STATS = (
+    "mean_reward",
+    "kl_ref",
+    "beta",
+    "approx_kl",
+    "clipfrac",
+    "entropy",
+    "explained_variance",
+    "is_ess",
+    "policy_loss",
+    "value_loss",
+    "response_length_drift",
+)
 """Diagnostics copied from the manifest into the announcement (the rest stay in the manifest)."""
 
 _TAIL = 32
@@ -58,12 +69,18 @@ class Announcer:
         try:
             if self._producer is None:
                 self._producer = KafkaProducer(
-                    bootstrap_servers=self._bootstrap, client_id="thumbtune-learner", acks="all",
-                    enable_idempotence=True, retries=5, request_timeout_ms=5000,
-                    max_block_ms=int(self._timeout_s * 1000), allow_auto_create_topics=False,
+                    bootstrap_servers=self._bootstrap,
+                    client_id="thumbtune-learner",
+                    acks="all",
+                    enable_idempotence=True,
+                    retries=5,
+                    request_timeout_ms=5000,
+                    max_block_ms=int(self._timeout_s * 1000),
+                    allow_auto_create_topics=False,
                 )
-            future = self._producer.send(ADAPTERS_TOPIC, key=announcement.version.encode(),
-                                         value=announcement.to_bytes())
+            future = self._producer.send(
+                ADAPTERS_TOPIC, key=announcement.version.encode(), value=announcement.to_bytes()
+            )
             future.get(timeout=self._timeout_s)
             self._producer.flush(timeout=self._timeout_s)
         except (KafkaError, OSError):
@@ -87,8 +104,11 @@ def recent_announcements(settings: Settings, timeout_s: float = 10.0) -> list[Ad
     """
     deadline = time.monotonic() + timeout_s
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False,
-        client_id="thumbtune-learner-announcements", request_timeout_ms=int(timeout_s * 1000),
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        client_id="thumbtune-learner-announcements",
+        request_timeout_ms=int(timeout_s * 1000),
     )
     try:
         partitions = consumer.partitions_for_topic(ADAPTERS_TOPIC)
@@ -112,8 +132,12 @@ def recent_announcements(settings: Settings, timeout_s: float = 10.0) -> list[Ad
                     try:
                         found.append(AdapterAnnouncement.from_bytes(record.value))
                     except ValueError:
-                        log.warning("ignoring a malformed record on %s at %s:%d", ADAPTERS_TOPIC,
-                                    record.partition, record.offset)
+                        log.warning(
+                            "ignoring a malformed record on %s at %s:%d",
+                            ADAPTERS_TOPIC,
+                            record.partition,
+                            record.offset,
+                        )
         return found
     except KafkaError as exc:
         log.warning("could not read back %s: %r", ADAPTERS_TOPIC, exc)
@@ -133,12 +157,11 @@ def announce_latest_if_missing(settings: Settings, store: AdapterStore, announce
         return None
     announcement = announcement_for(store, version)
     recent = recent_announcements(settings)
-    if recent is not None and any(
-        a.version == version and a.sha256 == announcement.sha256 for a in recent
-    ):
+    if recent is not None and any(a.version == version and a.sha256 == announcement.sha256 for a in recent):
         log.info("newest version %s was already announced", version)
         return None
-    log.info("newest version %s was not announced (the learner stopped before it could): announcing it",
-             version)
+    log.info(
+        "newest version %s was not announced (the learner stopped before it could): announcing it", version
+    )
     announcer.announce(announcement)
     return version

@@ -53,8 +53,10 @@ def save_version(
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the adapter
         if not (tmp / ADAPTER_WEIGHTS).is_file() or not (tmp / ADAPTER_CONFIG).is_file():
             raise RuntimeError(f"peft did not write {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} at the top of {tmp}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
-                  str(tmp / VALUE_HEAD_FILE))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+            str(tmp / VALUE_HEAD_FILE),
+        )
         torch.save(state.state_dict(), tmp / LEARNER_STATE_FILE)
 
     manifest = AdapterManifest(
@@ -106,8 +108,11 @@ def load_latest(
     if state_file.is_file():
         state.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
     else:
-        log.warning("%s has no %s: resuming its weights with a fresh optimizer and statistics", version,
-                    LEARNER_STATE_FILE)
+        log.warning(
+            "%s has no %s: resuming its weights with a fresh optimizer and statistics",
+            version,
+            LEARNER_STATE_FILE,
+        )
     log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
     return policy, state
 

@@ -31,14 +31,17 @@ class LearnerSettings(BaseSettings):
     )
 
     # --- KL penalty to the reference (the base model, adapter off) --------------------------------
+    # Defaults measured with `thumbtune bench loop` on SmolLM2-135M (docs/BENCHMARKS.md): at lr 1e-4 nothing
+    # was learnt in 160 ratings; at lr 1e-3 with beta 0.05 approval passed 80% but capability collapsed
+    # once KL(pi || base) passed ~3 nats per answer; beta 0.3 kept it.
     target_kl: float = Field(
-        6.0, gt=0, description="Adaptive beta's target KL(pi || pi_ref), nats per response (sum over tokens)."
+        2.0, gt=0, description="Adaptive beta's target KL(pi || pi_ref), nats per response (sum over tokens)."
     )
     fixed_beta: float | None = Field(
         None, ge=0, description="Keep the KL coefficient beta at this value; unset or 'none' = adaptive."
     )
     init_beta: float = Field(
-        0.05, ge=0, description="Starting KL coefficient beta of the adaptive controller."
+        0.3, ge=0, description="Starting KL coefficient beta of the adaptive controller."
     )
     kl_horizon: int = Field(
         10_000, ge=1, description="Adaptive controller horizon in responses (beta moves <= ~20% per horizon)."
@@ -50,7 +53,7 @@ class LearnerSettings(BaseSettings):
     )
     epochs: int = Field(4, ge=1, description="Passes over each batch (PPO's K).")
     minibatch_size: int = Field(16, ge=1, description="Responses per gradient step.")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the LoRA weights and the value head.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA weights and the value head.")
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW weight decay (pulls the adapter toward the base)."
     )
@@ -63,8 +66,10 @@ class LearnerSettings(BaseSettings):
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     early_stop_kl: float | None = Field(
-        0.1, gt=0, description="Skip an update's remaining epochs once approx-KL(pi_old || pi) passes this; "
-        "'none' = never."
+        0.1,
+        gt=0,
+        description="Skip an update's remaining epochs once approx-KL(pi_old || pi) passes this; "
+        "'none' = never.",
     )
     reward_clip: float = Field(
         5.0, gt=0, description="Running-normalised user rewards are clipped to +-this."
@@ -79,8 +84,10 @@ class LearnerSettings(BaseSettings):
         "127.0.0.1", description="Bind address of /metrics; 0.0.0.0 to let Prometheus scrape it from outside."
     )
     max_update_s: float = Field(
-        1800.0, gt=0, description="Longest one update may take before Kafka counts the learner as gone "
-        "(the consumer's max_poll_interval_ms)."
+        1800.0,
+        gt=0,
+        description="Longest one update may take before Kafka counts the learner as gone "
+        "(the consumer's max_poll_interval_ms).",
     )
     seed: int = Field(0, description="Seed of the LoRA init and the minibatch shuffling.")
 

@@ -1,4 +1,4 @@
-"""`thumbtune learn`: the long-running learner in consumer group ``thumbtune-learner`` on ``thumbtune.feedback``.
+"""`thumbtune learn`: the long-running learner (group ``thumbtune-learner`` on ``thumbtune.feedback``).
 
 Batching: every record is admitted or skipped one at a time (`Learner.admit`); an update runs as soon
 as batch_size events are buffered, or once the oldest buffered event has waited max_wait_s and at least
@@ -126,8 +126,11 @@ class KafkaLearner:
     def rewind(self, why: str) -> None:
         """Forget everything consumed since the newest version; the next assignment re-reads it."""
         if not self.stopping and (self.pending or self.positions != self.durable):
-            log.info("%s: re-reading from the newest version's offsets (%d buffered events dropped)",
-                     why, len(self.pending))
+            log.info(
+                "%s: re-reading from the newest version's offsets (%d buffered events dropped)",
+                why,
+                len(self.pending),
+            )
         self.learner.admitted.difference_update(e.event_id for e in self.pending)
         self.pending, self.pending_since = [], None
         self.positions = dict(self.durable)
@@ -146,22 +149,37 @@ class KafkaLearner:
             target = self.durable.get(key, self.first_seen.get(key))
             if target is not None:
                 consumer.seek(tp, target)
-        log.info("assigned %s; manifest offsets %s", sorted(p.partition for p in assigned), self.durable or "none")
+        log.info(
+            "assigned %s; manifest offsets %s", sorted(p.partition for p in assigned), self.durable or "none"
+        )
 
     # --- the loop --------------------------------------------------------------------------------------
 
     def run(self, stop_when: Callable[[], bool] | None = None) -> list[str]:
-        """Consume and train until `request_stop` (a signal) or ``stop_when()``; return the versions written."""
+        """Consume and train until `request_stop` (a signal) or ``stop_when()``; return versions written."""
         ls = self.learner_settings
         try:
-            ensure_topics(self.settings.kafka_bootstrap_servers, {
-                FEEDBACK_TOPIC: self.settings.feedback_partitions, ADAPTERS_TOPIC: self.settings.adapters_partitions,
-            })
-            self._with_retries("announce the newest version", lambda: announce_latest_if_missing(
-                self.settings, self.learner.store, self.announcer) or True)
+            ensure_topics(
+                self.settings.kafka_bootstrap_servers,
+                {
+                    FEEDBACK_TOPIC: self.settings.feedback_partitions,
+                    ADAPTERS_TOPIC: self.settings.adapters_partitions,
+                },
+            )
+            self._with_retries(
+                "announce the newest version",
+                lambda: announce_latest_if_missing(self.settings, self.learner.store, self.announcer) or True,
+            )
             self._consumer = self._subscribe()
-            log.info("consuming %s as %s from %s (batch %d, min %d after %.0f s)", FEEDBACK_TOPIC, LEARNER_GROUP,
-                     self.learner.version, ls.batch_size, ls.min_batch, ls.max_wait_s)
+            log.info(
+                "consuming %s as %s from %s (batch %d, min %d after %.0f s)",
+                FEEDBACK_TOPIC,
+                LEARNER_GROUP,
+                self.learner.version,
+                ls.batch_size,
+                ls.min_batch,
+                ls.max_wait_s,
+            )
             while not self.stopping and not (stop_when is not None and stop_when()):
                 self._consume(self._consumer.poll(timeout_ms=self._poll_ms()))
                 if self._due():
@@ -177,11 +195,16 @@ class KafkaLearner:
 
     def _subscribe(self) -> KafkaConsumer:
         group = consumer_group_config(self.settings)
-        group["max_poll_interval_ms"] = max(group["max_poll_interval_ms"],
-                                            int(self.learner_settings.max_update_s * 1000))
+        group["max_poll_interval_ms"] = max(
+            group["max_poll_interval_ms"], int(self.learner_settings.max_update_s * 1000)
+        )
         consumer = KafkaConsumer(  # ensure_topics has already said so clearly if no broker answers
-            bootstrap_servers=self.settings.kafka_bootstrap_servers, group_id=LEARNER_GROUP,
-            client_id="thumbtune-learner", enable_auto_commit=False, auto_offset_reset="earliest", **group,
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=LEARNER_GROUP,
+            client_id="thumbtune-learner",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **group,
         )
         self._consumer = consumer  # the listener seeks through it
         consumer.subscribe([FEEDBACK_TOPIC], listener=_SeekToManifest(self))
@@ -195,8 +218,11 @@ class KafkaLearner:
 
     def _due(self) -> bool:
         ls = self.learner_settings
-        return (self.pending_since is not None and len(self.pending) >= ls.min_batch
-                and time.monotonic() - self.pending_since >= ls.max_wait_s)
+        return (
+            self.pending_since is not None
+            and len(self.pending) >= ls.min_batch
+            and time.monotonic() - self.pending_since >= ls.max_wait_s
+        )
 
     def _consume(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         generation = self._generation
@@ -212,8 +238,13 @@ class KafkaLearner:
         key, offset = offset_key(record.topic, record.partition), record.offset
         expected = self.positions.get(key)
         if expected is not None and offset < expected:
-            log.warning("%s restarted at offset %d, before the %d the manifest expects: the topic was recreated "
-                        "(an embedded broker restarted?); reading it from there", key, offset, expected)
+            log.warning(
+                "%s restarted at offset %d, before the %d the manifest expects: the topic was recreated "
+                "(an embedded broker restarted?); reading it from there",
+                key,
+                offset,
+                expected,
+            )
         if key not in self.durable and key not in self.first_seen:
             self.first_seen[key] = offset
         self.positions[key] = offset + 1
@@ -249,14 +280,16 @@ class KafkaLearner:
         self.progress.trained(version, diagnostics)
         self._pause_for_test("after_save")
         announcement = announcement_for(self.learner.store, version)
-        if not self._with_retries(f"announce {version}", lambda: self.announcer.announce(announcement) or True):
+        if not self._with_retries(
+            f"announce {version}", lambda: self.announcer.announce(announcement) or True
+        ):
             return  # stopping before it went out: the next start announces it
         metrics.ANNOUNCEMENTS.inc()
         self._pause_for_test("after_announce")
         self._commit(offsets)
 
     def _commit(self, offsets: dict[str, int]) -> None:
-        """Commit the version's offsets for the partitions we own: an optimisation, manifests are the truth."""
+        """Commit the version's offsets for our partitions (an optimisation: manifests are the truth)."""
         consumer = self._consumer
         assert consumer is not None
         owned = {offset_key(tp.topic, tp.partition): tp for tp in consumer.assignment()}
@@ -295,8 +328,13 @@ class KafkaLearner:
             metrics.CONSUMER_LAG.set(lag)
         metrics.BUFFERED.set(len(self.pending))
         self._drops.sync(self.learner.skips.total)
-        self.progress.show(self.learner.version, len(self.pending), self.consumed, lag,
-                           sum(self.learner.skips.total.values()))
+        self.progress.show(
+            self.learner.version,
+            len(self.pending),
+            self.consumed,
+            lag,
+            sum(self.learner.skips.total.values()),
+        )
 
     def _pause_for_test(self, point: str) -> None:
         if os.environ.get(TEST_PAUSE_ENV) != point or point in self._paused:
@@ -329,6 +367,9 @@ def run_learner(settings: Settings, learner_settings: LearnerSettings) -> int:
             signal.signal(sig, handler)
         if server is not None:
             server.shutdown()
-    log.info("learner stopped at %s; versions written this run: %s", loop.learner.version,
-             " ".join(versions) or "none")
+    log.info(
+        "learner stopped at %s; versions written this run: %s",
+        loop.learner.version,
+        " ".join(versions) or "none",
+    )
     return 0

@@ -43,8 +43,9 @@ def parse_event(raw: bytes | str) -> tuple[FeedbackEvent | None, str | None]:
         return FeedbackEvent.model_validate(data), None
     except ValidationError as exc:
         first = exc.errors()[0]
-        detail = f"{first.get('loc', ())}: {first.get('msg', '')}" + (f" (+{exc.error_count() - 1} more)"
-                                                                     if exc.error_count() > 1 else "")
+        detail = f"{first.get('loc', ())}: {first.get('msg', '')}" + (
+            f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        )
         code = "logprob_count" if "log-probs" in str(first.get("msg", "")) else "schema"
         return None, f"{code}: {detail}"
 
@@ -59,11 +60,15 @@ def validate_event(
 ) -> str | None:
     """None if the learner can train on ``event``, else the reason it cannot."""
     if event.base_fingerprint != fingerprint:
-        return (f"fingerprint: event was served by base {event.base_model} with fingerprint "
-                f"{event.base_fingerprint}, the learner's is {fingerprint}")
+        return (
+            f"fingerprint: event was served by base {event.base_model} with fingerprint "
+            f"{event.base_fingerprint}, the learner's is {fingerprint}"
+        )
     if len(event.response_token_ids) != len(event.behaviour_logprobs):
-        return (f"logprob_count: {len(event.response_token_ids)} response tokens, "
-                f"{len(event.behaviour_logprobs)} behaviour log-probs")
+        return (
+            f"logprob_count: {len(event.response_token_ids)} response tokens, "
+            f"{len(event.behaviour_logprobs)} behaviour log-probs"
+        )
     if not event.prompt_token_ids:
         return "empty_prompt: no prompt tokens, nothing conditions the first response token"
     if not event.response_token_ids:
@@ -94,11 +99,15 @@ def stale_reason(event: FeedbackEvent, current_version: str, max_staleness: int)
     """None if ``event`` is fresh enough to train ``current_version`` on, else the reason to drop it."""
     lag = staleness(event, current_version)
     if lag > max_staleness:
-        return (f"stale: served by {event.adapter_version}, {lag} versions behind {current_version} "
-                f"(max_staleness {max_staleness})")
+        return (
+            f"stale: served by {event.adapter_version}, {lag} versions behind {current_version} "
+            f"(max_staleness {max_staleness})"
+        )
     if lag < 0:
-        return (f"future_version: served by {event.adapter_version} but the learner is at {current_version}; "
-                "is this the adapter store the server used?")
+        return (
+            f"future_version: served by {event.adapter_version} but the learner is at {current_version}; "
+            "is this the adapter store the server used?"
+        )
     return None
 
 
@@ -133,4 +142,3 @@ class SkipCounter:
         """Counts since the previous drain (what one version's manifest reports), then reset them."""
         counts, self._since_drain = dict(self._since_drain), Counter()
         return counts
-

@@ -23,8 +23,18 @@ from thumbtune.contract import version_number
 log = logging.getLogger(__name__)
 
 DROP_REASONS = (
-    "not_json", "schema", "logprob_count", "fingerprint", "empty_prompt", "empty_response",
-    "token_out_of_vocab", "bad_logprob", "too_long", "bad_adapter_version", "duplicate", "stale",
+    "not_json",
+    "schema",
+    "logprob_count",
+    "fingerprint",
+    "empty_prompt",
+    "empty_response",
+    "token_out_of_vocab",
+    "bad_logprob",
+    "too_long",
+    "bad_adapter_version",
+    "duplicate",
+    "stale",
     "future_version",
 )
 """The reason codes learner/events.py and learner/trainer.py produce; anything else is ``other``."""
@@ -35,25 +45,30 @@ EVENTS_CONSUMED = Counter(
 EVENTS_DROPPED = Counter(
     "thumbtune_learner_events_dropped_total", "Feedback records not trained on, by reason code.", ["reason"]
 )
+for _reason in (*DROP_REASONS, "other"):  # zero from the start: a series born at 1 shows no increase()
+    EVENTS_DROPPED.labels(reason=_reason)
 EVENTS_TRAINED = Counter("thumbtune_learner_events_trained_total", "Events that went into a version.")
 CONSUMER_LAG = Gauge(
-    "thumbtune_learner_consumer_lag", "Feedback records not yet consumed: end offset - position, summed "
-    "over the learner's partitions."
+    "thumbtune_learner_consumer_lag",
+    "Feedback records not yet consumed: end offset - position, summed over the learner's partitions.",
 )
 BUFFERED = Gauge("thumbtune_learner_buffered_events", "Admitted events waiting for the next update.")
 BATCH_SIZE = Histogram(
     "thumbtune_learner_batch_size", "Events per update.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 )
 UPDATE_DURATION = Histogram(
-    "thumbtune_learner_update_duration_seconds", "One update: PPO epochs plus writing the version.",
+    "thumbtune_learner_update_duration_seconds",
+    "One update: PPO epochs plus writing the version.",
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 VERSIONS = Counter("thumbtune_learner_versions_total", "Adapter versions written by this process.")
 ANNOUNCEMENTS = Counter(
-    "thumbtune_learner_announcements_total", "Versions announced on thumbtune.adapters (re-announcements too)."
+    "thumbtune_learner_announcements_total",
+    "Versions announced on thumbtune.adapters (re-announcements too).",
 )
 COMMIT_FAILURES = Counter(
-    "thumbtune_learner_commit_failures_total", "Offset commits that failed (harmless: manifests hold offsets)."
+    "thumbtune_learner_commit_failures_total",
+    "Offset commits that failed (harmless: manifests hold offsets).",
 )
 CURRENT_VERSION = Gauge("thumbtune_learner_current_version", "N of the adapter version v<N> in memory.")
 
@@ -75,7 +90,8 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
     "is_ess": ("is_effective_sample_size", "Effective sample size fraction of the importance weights."),
     "response_length": ("response_length_tokens", "Mean response length of the last batch."),
     "response_length_drift": (
-        "response_length_drift_tokens", "Last batch's mean response length minus the running mean before it."
+        "response_length_drift_tokens",
+        "Last batch's mean response length minus the running mean before it.",
     ),
     "grad_norm": ("grad_norm", "Gradient norm before clipping, mean over minibatches."),
     "n_tokens": ("tokens", "Response tokens in the last batch."),

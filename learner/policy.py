@@ -230,5 +230,8 @@ def _warn_if_lora_differs(stored: LoraConfig, configured: LoraConfig, version: s
     if got != want:
         log.warning(
             "adapter %s was trained with LoRA (r, alpha, targets) = %s but the settings say %s; "
-            "continuing with the stored shape (start a new store to change it)", version, got, want,
+            "continuing with the stored shape (start a new store to change it)",
+            version,
+            got,
+            want,
         )

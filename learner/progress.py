@@ -17,8 +17,20 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-SHOWN = ("mean_reward", "policy_loss", "value_loss", "approx_kl", "clipfrac", "kl_ref", "beta",
-         "entropy", "explained_variance", "is_ess", "response_length_drift", "update_s")
+SHOWN = (
+    "mean_reward",
+    "policy_loss",
+    "value_loss",
+    "approx_kl",
+    "clipfrac",
+    "kl_ref",
+    "beta",
+    "entropy",
+    "explained_variance",
+    "is_ess",
+    "response_length_drift",
+    "update_s",
+)
 
 
 class Progress:
@@ -37,8 +49,11 @@ class Progress:
             self._live.start()
             # Log lines go through Live's stderr proxy, above the table, instead of through it.
             for handler in logging.getLogger().handlers:
-                if (isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__
-                        and sys.stderr is not sys.__stderr__):
+                if (
+                    isinstance(handler, logging.StreamHandler)
+                    and handler.stream is sys.__stderr__
+                    and sys.stderr is not sys.__stderr__
+                ):
                     self._swapped.append((handler, handler.setStream(sys.stderr)))
         return self
 

@@ -35,8 +35,14 @@ def run_from_file(
         raise FileNotFoundError(f"no events file at {path} (expected one FeedbackEvent JSON per line)")
     learner = learner if learner is not None else Learner(settings, learner_settings)
     batch_size, min_batch = learner_settings.batch_size, learner_settings.min_batch
-    log.info("replaying %s into %s from %s (batch %d, min %d)", path, learner.store, learner.version,
-             batch_size, min_batch)
+    log.info(
+        "replaying %s into %s from %s (batch %d, min %d)",
+        path,
+        learner.store,
+        learner.version,
+        batch_size,
+        min_batch,
+    )
 
     versions: list[str] = []
     pending: list[FeedbackEvent] = []
@@ -64,8 +70,10 @@ def run_from_file(
     if len(pending) >= min_batch:
         train(pending)
     elif pending:
-        log.warning("%d events left untrained: fewer than THUMBTUNE_LEARNER_MIN_BATCH=%d",
-                    len(pending), min_batch)
-    log.info("replay of %s done: versions %s, skipped %s",
-             path, versions or "none", dict(learner.skips.total))
+        log.warning(
+            "%d events left untrained: fewer than THUMBTUNE_LEARNER_MIN_BATCH=%d", len(pending), min_batch
+        )
+    log.info(
+        "replay of %s done: versions %s, skipped %s", path, versions or "none", dict(learner.skips.total)
+    )
     return versions

@@ -24,8 +24,21 @@ from thumbtune.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LOGGED = ("policy_loss", "value_loss", "entropy", "approx_kl", "kl_ref", "beta", "clipfrac",
-          "explained_variance", "mean_reward", "is_ess", "response_length_drift", "epochs", "update_s")
+LOGGED = (
+    "policy_loss",
+    "value_loss",
+    "entropy",
+    "approx_kl",
+    "kl_ref",
+    "beta",
+    "clipfrac",
+    "explained_variance",
+    "mean_reward",
+    "is_ess",
+    "response_length_drift",
+    "epochs",
+    "update_s",
+)
 
 
 class Learner:
@@ -91,8 +104,20 @@ class Learner:
         diagnostics = ppo_update(self.policy, batch, self.state, self.cfg)
         diagnostics |= {f"skipped.{code}": float(n) for code, n in self.skips.drain().items()}
         parent = self.version
-        version = save_version(self.store, self.policy, self.state, base=self.base,
-                               event_ids=batch.event_ids, offsets=offsets, diagnostics=diagnostics)
-        log.info("trained %s from %s on %d events: %s", version, parent, len(events),
-                 " ".join(f"{k}={diagnostics[k]:.4g}" for k in LOGGED if k in diagnostics))
+        version = save_version(
+            self.store,
+            self.policy,
+            self.state,
+            base=self.base,
+            event_ids=batch.event_ids,
+            offsets=offsets,
+            diagnostics=diagnostics,
+        )
+        log.info(
+            "trained %s from %s on %d events: %s",
+            version,
+            parent,
+            len(events),
+            " ".join(f"{k}={diagnostics[k]:.4g}" for k in LOGGED if k in diagnostics),
+        )
         return version

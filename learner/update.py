@@ -116,8 +116,10 @@ def row_chunks(batch: Batch, index: Tensor, max_tokens: int | None) -> list[Tens
 def forward_chunked(policy: Policy, batch: Batch, max_tokens: int | None, **kwargs: bool) -> PolicyOutput:
     """`Policy.forward_batch` over row chunks, each output right-padded back to the batch's T with zeros
     (what the masked outputs hold on padding anyway)."""
-    chunks = [policy.forward_batch(batch.subset(index), **kwargs)
-              for index in row_chunks(batch, torch.arange(len(batch), device=policy.device), max_tokens)]
+    chunks = [
+        policy.forward_batch(batch.subset(index), **kwargs)
+        for index in row_chunks(batch, torch.arange(len(batch), device=policy.device), max_tokens)
+    ]
     width = batch.mask.shape[1]
 
     def joined(parts: list[Tensor | None]) -> Tensor | None:
@@ -176,9 +178,16 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
                 cols = slice(0, mb.mask.shape[1])
                 new = policy.forward_batch(mb, with_values=True, with_entropy=cfg.ent_coef > 0)
                 loss, diag = ppo_minibatch_loss(
-                    new.logprobs, old_logprobs[part, cols], advantages[part, cols], new.values,
-                    old_values[part, cols], returns[part, cols], mb.mask, cfg,
-                    is_weights=is_weights[part, cols], entropy=new.entropy,
+                    new.logprobs,
+                    old_logprobs[part, cols],
+                    advantages[part, cols],
+                    new.values,
+                    old_values[part, cols],
+                    returns[part, cols],
+                    mb.mask,
+                    cfg,
+                    is_weights=is_weights[part, cols],
+                    entropy=new.entropy,
                 )
                 share = mb.mask.sum().item() / max(tokens, 1.0)  # token means: shares add up to 1 exactly
                 (loss * share).backward()

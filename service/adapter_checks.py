@@ -90,8 +90,11 @@ def check_files(
         claims.append(("announcement", announcement.base_fingerprint))
     for source, fp in claims:
         if fp != fingerprint:
-            raise Refused("fingerprint", f"the {source} says it was trained on base {manifest.base_model} "
-                                         f"(fingerprint {fp}); this server serves fingerprint {fingerprint}")
+            raise Refused(
+                "fingerprint",
+                f"the {source} says it was trained on base {manifest.base_model} "
+                f"(fingerprint {fp}); this server serves fingerprint {fingerprint}",
+            )
     if announcement is not None and announcement.sha256 != manifest.sha256:
         raise Refused("sha256", "the announcement's sha256 differ from the stored manifest's")
     problems = store.verify(version)
@@ -157,8 +160,11 @@ def build_probes(tokenizer, count: int) -> list[ProbeRow]:
     rows = []
     for prompt, answer in PROBES[:count]:
         messages = [{"role": "user", "content": prompt}]
-        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False))
+        ids = list(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
         answer_ids = tokenizer.encode(answer, add_special_tokens=False)
         # the last prompt position predicts the first answer token, the last answer position what follows it
         rows.append(ProbeRow(torch.tensor([ids + answer_ids]), keep=len(answer_ids) + 1))

@@ -71,14 +71,22 @@ class AdapterFollower:
             self._thread.join(timeout)
 
     def state(self) -> dict:
-        return {"group_id": self.group_id, "assigned": self.assigned.is_set(),
-                "announcements": self.announcements, "last_error": self.last_error}
+        return {
+            "group_id": self.group_id,
+            "assigned": self.assigned.is_set(),
+            "announcements": self.announcements,
+            "last_error": self.last_error,
+        }
 
     def _consumer(self) -> KafkaConsumer:
         bootstrap = [s.strip() for s in self.settings.kafka_bootstrap_servers.split(",") if s.strip()]
         consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=self.group_id, client_id="thumbtune-server-adapters",
-            enable_auto_commit=False, auto_offset_reset="latest", bootstrap_timeout_ms=BOOTSTRAP_MS,
+            bootstrap_servers=bootstrap,
+            group_id=self.group_id,
+            client_id="thumbtune-server-adapters",
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            bootstrap_timeout_ms=BOOTSTRAP_MS,
             **consumer_group_config(self.settings),
         )
         consumer.subscribe([ADAPTERS_TOPIC], listener=_CatchUpOnAssignment(self))

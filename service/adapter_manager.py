@@ -33,11 +33,23 @@ import torch
 
 from learner.store import AdapterStore, make_adapter_store
 from service import metrics
-from service.adapter_checks import Refused, build_probes, check_files, mean_kl, module_shapes, probe_logprobs
+from service.adapter_checks import (
+    REASONS,
+    Refused,
+    build_probes,
+    check_files,
+    mean_kl,
+    module_shapes,
+    probe_logprobs,
+)
 from service.engine.adapters import BASE, AdapterRegistry, UnknownAdapter
 from service.engine.engine import Engine
 from thumbtune.contract import BASE_VERSION, AdapterAnnouncement, version_number
 from thumbtune.settings import Settings
+
+# Every refusal reason starts at 0, so an alert on increase() sees the first refusal too.
+for _reason in REASONS:
+    metrics.ADAPTER_REFUSED.labels(_reason)
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +134,11 @@ class AdapterManager:
             if version == self.live or self._refused(version):
                 return
             if self.pinned is not None:
-                log.info("%s announced; pinned to %s, so it waits (POST /admin/adapters/unpin to follow)",
-                         version, self.pinned)
+                log.info(
+                    "%s announced; pinned to %s, so it waits (POST /admin/adapters/unpin to follow)",
+                    version,
+                    self.pinned,
+                )
                 return
             if number <= version_number(self.live):
                 log.info("%s announced but %s is live and newer: ignored", version, self.live)
@@ -137,8 +152,9 @@ class AdapterManager:
             self._require_known(version)
             if self._refused(version):
                 known = self.status[version]
-                raise VersionConflict(f"{version} was refused ({known.reason}: {known.message}); "
-                                      "it cannot be pinned")
+                raise VersionConflict(
+                    f"{version} was refused ({known.reason}: {known.message}); it cannot be pinned"
+                )
             if not self._try(version, "pin", enforce_kl_live=False):
                 refused = self.status[version]
                 raise VersionConflict(f"{version} failed its checks ({refused.reason}: {refused.message})")
@@ -179,7 +195,11 @@ class AdapterManager:
             return self.live
 
     def _try(
-        self, version: str, trigger: str, *, enforce_kl_live: bool,
+        self,
+        version: str,
+        trigger: str,
+        *,
+        enforce_kl_live: bool,
         announcement: AdapterAnnouncement | None = None,
     ) -> bool:
         """Check, load and make ``version`` live; on failure refuse it and keep the live one. True if live."""
@@ -188,18 +208,29 @@ class AdapterManager:
             self._admit_version(version, announcement, enforce_kl_live)
         except Refused as refusal:
             self._forget_probes()
-            self.status[version] = VersionStatus("refused", refusal.reason, refusal.message, refusal.retry,
-                                                 checked_at=time.time())
+            self.status[version] = VersionStatus(
+                "refused", refusal.reason, refusal.message, refusal.retry, checked_at=time.time()
+            )
             metrics.ADAPTER_REFUSED.labels(refusal.reason).inc()
-            log.warning("refused adapter %s (%s): %s; %s stays live", version, refusal.reason,
-                        refusal.message, self.live)
+            log.warning(
+                "refused adapter %s (%s): %s; %s stays live",
+                version,
+                refusal.reason,
+                refusal.message,
+                self.live,
+            )
             return False
         previous = self.registry.set_live(version)
         self._forget_probes()
         if previous != version:
             metrics.ADAPTER_SWAPS.labels(trigger).inc()
-            log.info("adapter %s is live (was %s; %s; checks and load took %.0f ms)", version, previous,
-                     trigger, 1000 * (time.perf_counter() - started))
+            log.info(
+                "adapter %s is live (was %s; %s; checks and load took %.0f ms)",
+                version,
+                previous,
+                trigger,
+                1000 * (time.perf_counter() - started),
+            )
         return True
 
     def _admit_version(
@@ -214,8 +245,9 @@ class AdapterManager:
         except UnknownAdapter:
             pass
         checked = check_files(self.store, version, self.fingerprint, self._shapes, announcement)
-        self._call(lambda: self.registry.load(version, checked.directory, checked.weights),
-                   "peft could not load it")
+        self._call(
+            lambda: self.registry.load(version, checked.directory, checked.weights), "peft could not load it"
+        )
         kl_live = kl_base = None
         try:
             if self._probes:
@@ -224,13 +256,19 @@ class AdapterManager:
                 metrics.ADAPTER_PROBE_KL.labels("base").set(kl_base)
                 s = self.settings
                 if enforce_kl_live and kl_live > s.adapter_max_kl_live:
-                    raise Refused("kl_live", f"KL(new || live {self.live}) = {kl_live:.4f} nats/token on the "
-                                             f"probe prompts > THUMBTUNE_ADAPTER_MAX_KL_LIVE = "
-                                             f"{s.adapter_max_kl_live}")
+                    raise Refused(
+                        "kl_live",
+                        f"KL(new || live {self.live}) = {kl_live:.4f} nats/token on the "
+                        f"probe prompts > THUMBTUNE_ADAPTER_MAX_KL_LIVE = "
+                        f"{s.adapter_max_kl_live}",
+                    )
                 if kl_base > s.adapter_max_kl_base:
-                    raise Refused("kl_base", f"KL(new || base) = {kl_base:.4f} nats/token on the probe "
-                                             f"prompts > THUMBTUNE_ADAPTER_MAX_KL_BASE = "
-                                             f"{s.adapter_max_kl_base}")
+                    raise Refused(
+                        "kl_base",
+                        f"KL(new || base) = {kl_base:.4f} nats/token on the probe "
+                        f"prompts > THUMBTUNE_ADAPTER_MAX_KL_BASE = "
+                        f"{s.adapter_max_kl_base}",
+                    )
             self.registry.publish(version)
         finally:
             self.registry.unstage(version)  # refused: the engine unloads it at its next step
@@ -245,8 +283,13 @@ class AdapterManager:
         live = BASE if self.live == BASE_VERSION else self.live  # v0's LoRA B is zero: it *is* the base
         for name in dict.fromkeys((version, live, BASE)):
             if name not in self._probe_cache or name == version:
-                rows = [self._call(lambda row=row, name=name: probe_logprobs(self.registry, row, name),
-                                   "the KL probe failed") for row in self._probes]
+                rows = [
+                    self._call(
+                        lambda row=row, name=name: probe_logprobs(self.registry, row, name),
+                        "the KL probe failed",
+                    )
+                    for row in self._probes
+                ]
                 self._probe_cache[name] = torch.cat(rows)
         new = self._probe_cache[version]
         return mean_kl(new, self._probe_cache[live]), mean_kl(new, self._probe_cache[BASE])
@@ -280,8 +323,10 @@ class AdapterManager:
         except ValueError as exc:
             raise UnknownVersion(str(exc)) from None
         if version != BASE_VERSION and version not in self.store.versions():
-            raise UnknownVersion(f"no adapter version {version} in the store {self.store}; it has "
-                                 f"{self.store.versions() or 'no versions'}")
+            raise UnknownVersion(
+                f"no adapter version {version} in the store {self.store}; it has "
+                f"{self.store.versions() or 'no versions'}"
+            )
 
     # --- what /admin/adapters shows -----------------------------------------------------------------------
 
@@ -294,19 +339,35 @@ class AdapterManager:
         for version in sorted({BASE_VERSION, *stored, *statuses, *loaded}, key=version_number):
             status = statuses.get(version)
             ratings, approvals = metrics.APPROVALS.get(version)
-            row = {"version": version, "state": status.state if status else "unchecked",
-                   "in_store": version in stored, "loaded": version in loaded, "live": version == live,
-                   "pinned": version == pinned, "ratings": ratings, "approvals": approvals,
-                   "approval_rate": approvals / ratings if ratings else None}
+            row = {
+                "version": version,
+                "state": status.state if status else "unchecked",
+                "in_store": version in stored,
+                "loaded": version in loaded,
+                "live": version == live,
+                "pinned": version == pinned,
+                "ratings": ratings,
+                "approvals": approvals,
+                "approval_rate": approvals / ratings if ratings else None,
+            }
             if status is not None:
                 row |= {k: v for k, v in asdict(status).items() if k not in ("state", "retry")}
             versions.append(row)
         s = self.settings
         return {
-            "live": live, "pinned": pinned, "following": s.adapter_follow and pinned is None,
-            "loaded": loaded, "versions": versions,
-            "refused": {v: {"reason": st.reason, "message": st.message} for v, st in statuses.items()
-                        if st.state == "refused"},
-            "kl_bounds": {"live": s.adapter_max_kl_live, "base": s.adapter_max_kl_base,
-                          "probe_prompts": len(self._probes)},
+            "live": live,
+            "pinned": pinned,
+            "following": s.adapter_follow and pinned is None,
+            "loaded": loaded,
+            "versions": versions,
+            "refused": {
+                v: {"reason": st.reason, "message": st.message}
+                for v, st in statuses.items()
+                if st.state == "refused"
+            },
+            "kl_bounds": {
+                "live": s.adapter_max_kl_live,
+                "base": s.adapter_max_kl_base,
+                "probe_prompts": len(self._probes),
+            },
         }

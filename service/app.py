@@ -37,8 +37,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             if runtime is None:  # a runtime handed in belongs to the caller
                 await anyio.to_thread.run_sync(rt.close)
 
-    app = FastAPI(title="thumbtune", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible chat that learns from its users' ratings.")
+    app = FastAPI(
+        title="thumbtune",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible chat that learns from its users' ratings.",
+    )
     app.state.settings = settings
     errors.install(app)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -38,9 +38,13 @@ def api_key_id(request: Request) -> str | None:
 def require_admin(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
-        raise APIError(403, "admin routes are disabled: set THUMBTUNE_ADMIN_TOKEN to enable them",
-                       code="admin_disabled")
+        raise APIError(
+            403, "admin routes are disabled: set THUMBTUNE_ADMIN_TOKEN to enable them", code="admin_disabled"
+        )
     token = _bearer(request) or ""
     if not hmac.compare_digest(token.encode(), settings.admin_token.get_secret_value().encode()):
-        raise APIError(401, "admin routes need 'Authorization: Bearer <THUMBTUNE_ADMIN_TOKEN>'",
-                       code="invalid_admin_token")
+        raise APIError(
+            401,
+            "admin routes need 'Authorization: Bearer <THUMBTUNE_ADMIN_TOKEN>'",
+            code="invalid_admin_token",
+        )

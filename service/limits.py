@@ -57,10 +57,19 @@ class GuardMiddleware:
         self._observe(scope, status["code"], start)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps(error_body(413, f"request body exceeds {self.max_body_bytes} bytes",
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            error_body(413, f"request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod

@@ -13,19 +13,25 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
-REQUESTS = Counter("thumbtune_http_requests_total", "HTTP requests by route and status.", ["route", "method", "status"])
+REQUESTS = Counter(
+    "thumbtune_http_requests_total", "HTTP requests by route and status.", ["route", "method", "status"]
+)
 REQUEST_LATENCY = Histogram(
-    "thumbtune_http_request_duration_seconds", "HTTP request latency (whole response).", ["route"],
+    "thumbtune_http_request_duration_seconds",
+    "HTTP request latency (whole response).",
+    ["route"],
     buckets=_LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge("thumbtune_requests_in_flight", "Chat completions being generated now.")
 
 TIME_TO_FIRST_TOKEN = Histogram(
-    "thumbtune_time_to_first_token_seconds", "From request admission to the first generated token.",
+    "thumbtune_time_to_first_token_seconds",
+    "From request admission to the first generated token.",
     buckets=_LATENCY_BUCKETS,
 )
 INTER_TOKEN_LATENCY = Histogram(
-    "thumbtune_inter_token_latency_seconds", "Time between consecutive tokens of one sequence.",
+    "thumbtune_inter_token_latency_seconds",
+    "Time between consecutive tokens of one sequence.",
     buckets=_TOKEN_BUCKETS,
 )
 PROMPT_TOKENS = Counter("thumbtune_prompt_tokens_total", "Prompt tokens prefilled.")
@@ -36,11 +42,13 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("thumbtune_engine_queue_depth", "Requests waiting for a batch slot.")
 
 FEEDBACK = Counter(
-    "thumbtune_feedback_total", "Ratings received, by kind, value and the adapter version that answered.",
+    "thumbtune_feedback_total",
+    "Ratings received, by kind, value and the adapter version that answered.",
     ["kind", "value", "adapter_version"],
 )
 FEEDBACK_REWARD = Gauge(
-    "thumbtune_feedback_reward_sum", "Sum of rewards by adapter version (divide by feedback count for the mean).",
+    "thumbtune_feedback_reward_sum",
+    "Sum of rewards by adapter version (divide by feedback count for the mean).",
     ["adapter_version"],
 )
 FEEDBACK_APPROVALS = Counter(
@@ -52,10 +60,14 @@ FEEDBACK_DUPLICATES = Counter("thumbtune_feedback_duplicates_total", "Repeat rat
 EVENTS_PUBLISHED = Counter("thumbtune_events_published_total", "Feedback events acknowledged by Kafka.")
 PUBLISH_ERRORS = Counter("thumbtune_publish_errors_total", "Failed attempts to publish feedback events.")
 SPOOL_DEPTH = Gauge("thumbtune_spool_depth", "Feedback events waiting in the on-disk spool.")
-SPOOL_REJECTED = Counter("thumbtune_spool_rejected_total", "Feedback refused with 503 because the spool is full.")
+SPOOL_REJECTED = Counter(
+    "thumbtune_spool_rejected_total", "Feedback refused with 503 because the spool is full."
+)
 BROKER_UP = Gauge("thumbtune_broker_up", "1 when the last publish attempt reached Kafka.")
 
-ACTIVE_ADAPTER = Gauge("thumbtune_active_adapter_info", "1 for the adapter version that is live.", ["adapter_version"])
+ACTIVE_ADAPTER = Gauge(
+    "thumbtune_active_adapter_info", "1 for the adapter version that is live.", ["adapter_version"]
+)
 
 ADAPTER_SWAP_LATENCY = Histogram(
     "thumbtune_adapter_swap_latency_seconds",
@@ -67,12 +79,14 @@ ADAPTER_SWAPS = Counter(
 )
 """trigger: announcement, catchup (found in the store after a group join), startup, pin, unpin, rollback."""
 ADAPTER_REFUSED = Counter(
-    "thumbtune_adapter_refused_total", "Adapter versions refused before going live, by the check that failed.",
+    "thumbtune_adapter_refused_total",
+    "Adapter versions refused before going live, by the check that failed.",
     ["reason"],
 )
 """reason: sha256, fingerprint, shape, nonfinite, kl_live, kl_base, load_error."""
 ADAPTER_PROBE_KL = Gauge(
-    "thumbtune_adapter_probe_kl", "KL of the last checked version on the probe prompts (nats per token).",
+    "thumbtune_adapter_probe_kl",
+    "KL of the last checked version on the probe prompts (nats per token).",
     ["against"],
 )
 """against: live, base."""

@@ -57,7 +57,10 @@ _BLOCK_MS = 2000  # the longest one Kafka call may block the drain thread (boots
 _JOIN_GRACE_S = _BLOCK_MS / 1000 + 1
 # Errors about one record rather than the connection: retrying them forever would block the spool.
 _POISON = (
-    MessageSizeTooLargeError, RecordListTooLargeError, InvalidTopicError, TopicAuthorizationFailedError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    TopicAuthorizationFailedError,
 )
 
 
@@ -119,8 +122,11 @@ class FeedbackPublisher:
         metrics.SPOOL_DEPTH.set(self.spool.depth)
         metrics.BROKER_UP.set(0)
         if self.spool.depth:
-            log.info("feedback spool %s holds %d events from an earlier run; sending them",
-                     self.spool.path, self.spool.depth)
+            log.info(
+                "feedback spool %s holds %d events from an earlier run; sending them",
+                self.spool.path,
+                self.spool.depth,
+            )
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="feedback-publisher", daemon=True)
         self._thread.start()
@@ -139,8 +145,11 @@ class FeedbackPublisher:
             return
         self._thread = None
         if self.spool.depth:
-            log.warning("%d feedback events stay spooled in %s until the next start",
-                        self.spool.depth, self.spool.path)
+            log.warning(
+                "%d feedback events stay spooled in %s until the next start",
+                self.spool.depth,
+                self.spool.path,
+            )
         self.spool.close()
 
     def __enter__(self) -> Self:
@@ -200,8 +209,12 @@ class FeedbackPublisher:
             if up:
                 log.info("Kafka at %s reachable; %d spooled events to send", where, self.spool.depth)
             else:
-                log.warning("Kafka at %s unreachable; feedback waits in %s (%d events) until it is back",
-                            where, self.spool.path, self.spool.depth)
+                log.warning(
+                    "Kafka at %s unreachable; feedback waits in %s (%d events) until it is back",
+                    where,
+                    self.spool.path,
+                    self.spool.depth,
+                )
         self._broker_up = up
         metrics.BROKER_UP.set(1 if up else 0)
 

@@ -63,7 +63,9 @@ def build_runtime(settings: Settings) -> Runtime:
     model = with_empty_adapter(base.model, settings)
     adapters = AdapterRegistry(model)
     max_context = settings.max_context or int(getattr(base.model.config, "max_position_embeddings", 2048))
-    engine = Engine(model, base.tokenizer, adapters, max_batch_size=settings.max_batch_size, max_context=max_context)
+    engine = Engine(
+        model, base.tokenizer, adapters, max_batch_size=settings.max_batch_size, max_context=max_context
+    )
     store = make_store(settings)
     publisher = FeedbackPublisher(settings)
     engine.start()
@@ -76,7 +78,23 @@ def build_runtime(settings: Settings) -> Runtime:
     follower = AdapterFollower(settings, manager) if settings.adapter_follow else None
     if follower is not None:
         follower.start()
-    log.info("serving %s (fingerprint %s) with adapter %s, context %d", base.model_id, base.fingerprint,
-             adapters.live, max_context)
-    return Runtime(settings, engine, adapters, base.tokenizer, store, publisher, base.model_id, base.fingerprint,
-                   max_context, manager, follower)
+    log.info(
+        "serving %s (fingerprint %s) with adapter %s, context %d",
+        base.model_id,
+        base.fingerprint,
+        adapters.live,
+        max_context,
+    )
+    return Runtime(
+        settings,
+        engine,
+        adapters,
+        base.tokenizer,
+        store,
+        publisher,
+        base.model_id,
+        base.fingerprint,
+        max_context,
+        manager,
+        follower,
+    )

@@ -71,36 +71,61 @@ class ChatService:
         except UnknownAdapter:
             pass
         loaded = ", ".join(self.rt.model_names())
-        raise APIError(404, f"model {name!r} does not exist or is not loaded; available: {loaded}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {name!r} does not exist or is not loaded; available: {loaded}",
+            param="model",
+            code="model_not_found",
+        )
 
     def prepare(self, req: ChatCompletionRequest, key_id: str | None) -> Prepared:
         s = self.rt.settings
         if len(req.messages) > s.max_messages:
-            raise APIError(400, f"too many messages: {len(req.messages)} > {s.max_messages}", param="messages",
-                           code="too_many_messages")
+            raise APIError(
+                400,
+                f"too many messages: {len(req.messages)} > {s.max_messages}",
+                param="messages",
+                code="too_many_messages",
+            )
         max_tokens = req.max_completion_tokens or req.max_tokens or s.default_max_tokens
         if max_tokens > s.max_tokens_cap:
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"{param} {max_tokens} exceeds this server's cap of {s.max_tokens_cap}",
-                           param=param, code="max_tokens_too_large")
+            raise APIError(
+                400,
+                f"{param} {max_tokens} exceeds this server's cap of {s.max_tokens_cap}",
+                param=param,
+                code="max_tokens_too_large",
+            )
         adapter = self.resolve_model(req.model)
-        messages = [Message(role="system" if m.role == "developer" else m.role, content=m.text)
-                    for m in req.messages]
+        messages = [
+            Message(role="system" if m.role == "developer" else m.role, content=m.text) for m in req.messages
+        ]
         prompt_ids = self.rt.encode_chat(messages)
         if len(prompt_ids) + max_tokens > self.rt.max_context:
             raise APIError(
                 400,
                 f"this model's context window is {self.rt.max_context} tokens; the messages take "
-                f"{len(prompt_ids)} and max_tokens asks for {max_tokens}: shorten the conversation or max_tokens",
-                param="messages", code="context_length_exceeded",
+                f"{len(prompt_ids)} and max_tokens asks for {max_tokens}: "
+                "shorten the conversation or max_tokens",
+                param="messages",
+                code="context_length_exceeded",
             )
         completion_id = new_id()
         response_ids = [completion_id] + [new_id() for _ in range(req.n - 1)]
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
-                                seed=req.seed, stop=req.stop)
-        return Prepared(completion_id, response_ids, prompt_ids, messages, params, adapter, key_id, req.model,
-                        int(time.time()))
+        params = SamplingParams(
+            temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, seed=req.seed, stop=req.stop
+        )
+        return Prepared(
+            completion_id,
+            response_ids,
+            prompt_ids,
+            messages,
+            params,
+            adapter,
+            key_id,
+            req.model,
+            int(time.time()),
+        )
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -129,10 +154,19 @@ class ChatService:
         now = time.time()
         return [
             StoredCompletion(
-                response_id=rid, completion_id=p.completion_id, api_key_id=p.key_id, answered_at=now,
-                base_model=self.rt.model_id, base_fingerprint=self.rt.fingerprint, adapter_version=seq.adapter,
-                messages=p.messages, prompt_token_ids=p.prompt_ids, response_token_ids=seq.tokens,
-                behaviour_logprobs=seq.logprobs, sampling=seq.params, finish_reason=seq.finish_reason,
+                response_id=rid,
+                completion_id=p.completion_id,
+                api_key_id=p.key_id,
+                answered_at=now,
+                base_model=self.rt.model_id,
+                base_fingerprint=self.rt.fingerprint,
+                adapter_version=seq.adapter,
+                messages=p.messages,
+                prompt_token_ids=p.prompt_ids,
+                response_token_ids=seq.tokens,
+                behaviour_logprobs=seq.logprobs,
+                sampling=seq.params,
+                finish_reason=seq.finish_reason,
                 text=seq.text,
             )
             for rid, seq in zip(p.response_ids, seqs, strict=True)
@@ -143,10 +177,12 @@ class ChatService:
 
     def _logprobs(self, tokens: list[int], logprobs: list[float]) -> ChoiceLogprobs:
         tok = self.rt.tokenizer
-        return ChoiceLogprobs(content=[
-            TokenLogprob(token=(s := tok.decode([t])), logprob=lp, bytes=list(s.encode()))
-            for t, lp in zip(tokens, logprobs, strict=True)
-        ])
+        return ChoiceLogprobs(
+            content=[
+                TokenLogprob(token=(s := tok.decode([t])), logprob=lp, bytes=list(s.encode()))
+                for t, lp in zip(tokens, logprobs, strict=True)
+            ]
+        )
 
     async def complete(self, req: ChatCompletionRequest, p: Prepared) -> ChatCompletion:
         seqs, queue = self._start(p)
@@ -166,30 +202,51 @@ class ChatService:
             metrics.IN_FLIGHT.dec()
         await self._store(p, seqs)
         choices = [
-            Choice(index=i, message=AssistantMessage(content=seq.text), finish_reason=seq.finish_reason,
-                   logprobs=self._logprobs(seq.tokens, seq.logprobs) if req.logprobs else None,
-                   response_id=p.response_ids[i])
+            Choice(
+                index=i,
+                message=AssistantMessage(content=seq.text),
+                finish_reason=seq.finish_reason,
+                logprobs=self._logprobs(seq.tokens, seq.logprobs) if req.logprobs else None,
+                response_id=p.response_ids[i],
+            )
             for i, seq in enumerate(seqs)
         ]
         generated = sum(len(s.tokens) for s in seqs)
         return ChatCompletion(
-            id=p.completion_id, created=p.created, model=p.model_name, system_fingerprint=f"thumbtune-{p.adapter}",
-            choices=choices, adapter_version=p.adapter,
-            usage=Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=generated,
-                        total_tokens=len(p.prompt_ids) + generated),
+            id=p.completion_id,
+            created=p.created,
+            model=p.model_name,
+            system_fingerprint=f"thumbtune-{p.adapter}",
+            choices=choices,
+            adapter_version=p.adapter,
+            usage=Usage(
+                prompt_tokens=len(p.prompt_ids),
+                completion_tokens=generated,
+                total_tokens=len(p.prompt_ids) + generated,
+            ),
         )
 
     async def stream(self, req: ChatCompletionRequest, p: Prepared) -> AsyncIterator[str]:
         seqs, queue = self._start(p)
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-            body = ChatCompletionChunk(id=p.completion_id, created=p.created, model=p.model_name,
-                                       system_fingerprint=f"thumbtune-{p.adapter}", choices=choices, usage=usage)
+            body = ChatCompletionChunk(
+                id=p.completion_id,
+                created=p.created,
+                model=p.model_name,
+                system_fingerprint=f"thumbtune-{p.adapter}",
+                choices=choices,
+                usage=usage,
+            )
             return f"data: {body.model_dump_json(exclude_none=usage is None)}\n\n"
 
         try:
-            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""), response_id=rid)
-                         for i, rid in enumerate(p.response_ids)])
+            yield chunk(
+                [
+                    ChunkChoice(index=i, delta=Delta(role="assistant", content=""), response_id=rid)
+                    for i, rid in enumerate(p.response_ids)
+                ]
+            )
             pending = len(seqs)
             while pending:
                 i, event = await queue.get()
@@ -202,15 +259,33 @@ class ChatService:
                         await self._store(p, seqs)
                 if event.token_id is None and event.finish_reason is None:
                     continue
-                lp = (self._logprobs([event.token_id], [event.logprob])
-                      if req.logprobs and event.token_id is not None else None)
+                lp = (
+                    self._logprobs([event.token_id], [event.logprob])
+                    if req.logprobs and event.token_id is not None
+                    else None
+                )
                 if event.text or event.finish_reason or lp:
-                    yield chunk([ChunkChoice(index=i, delta=Delta(content=event.text or None), logprobs=lp,
-                                             finish_reason=event.finish_reason, response_id=p.response_ids[i])])
+                    yield chunk(
+                        [
+                            ChunkChoice(
+                                index=i,
+                                delta=Delta(content=event.text or None),
+                                logprobs=lp,
+                                finish_reason=event.finish_reason,
+                                response_id=p.response_ids[i],
+                            )
+                        ]
+                    )
             if req.stream_options and req.stream_options.include_usage:
                 generated = sum(len(s.tokens) for s in seqs)
-                yield chunk([], Usage(prompt_tokens=len(p.prompt_ids), completion_tokens=generated,
-                                      total_tokens=len(p.prompt_ids) + generated))
+                yield chunk(
+                    [],
+                    Usage(
+                        prompt_tokens=len(p.prompt_ids),
+                        completion_tokens=generated,
+                        total_tokens=len(p.prompt_ids) + generated,
+                    ),
+                )
             yield "data: [DONE]\n\n"
         finally:
             for seq in seqs:

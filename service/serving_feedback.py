@@ -39,8 +39,12 @@ class FeedbackService:
         rec = self.rt.store.get(response_id)
         # Another key's answer looks exactly like an unknown one: no oracle for other users' ids.
         if rec is None or rec.api_key_id != key_id:
-            raise APIError(404, f"no answer with id {response_id!r} to rate: unknown, expired, or not yours",
-                           param=param, code="response_not_found")
+            raise APIError(
+                404,
+                f"no answer with id {response_id!r} to rate: unknown, expired, or not yours",
+                param=param,
+                code="response_not_found",
+            )
         return rec
 
     def submit(self, req: FeedbackRequest, key_id: str | None) -> tuple[FeedbackAccepted, int]:
@@ -49,28 +53,53 @@ class FeedbackService:
         if req.response_id is not None:
             rec = self._lookup(req.response_id, key_id, "response_id")
             kind, value = (FeedbackKind.thumb, req.thumb) if req.thumb else (FeedbackKind.rating, req.rating)
-            events = [rec.to_event(event_id=event_id_for(rec.response_id, key_id), rated_at=now, kind=kind,
-                                   value=value, comment=req.comment)]
+            events = [
+                rec.to_event(
+                    event_id=event_id_for(rec.response_id, key_id),
+                    rated_at=now,
+                    kind=kind,
+                    value=value,
+                    comment=req.comment,
+                )
+            ]
         else:
             chosen = self._lookup(req.chosen, key_id, "chosen")
             rejected = self._lookup(req.rejected, key_id, "rejected")
             if chosen.prompt_token_ids != rejected.prompt_token_ids:
-                raise APIError(400, "chosen and rejected must be two answers to the same prompt",
-                               param="rejected", code="not_a_pair")
+                raise APIError(
+                    400,
+                    "chosen and rejected must be two answers to the same prompt",
+                    param="rejected",
+                    code="not_a_pair",
+                )
             events = [
-                a.to_event(event_id=event_id_for(a.response_id, key_id), rated_at=now, kind=FeedbackKind.choice,
-                           value=v, comment=req.comment, paired_response_id=b.response_id)
+                a.to_event(
+                    event_id=event_id_for(a.response_id, key_id),
+                    rated_at=now,
+                    kind=FeedbackKind.choice,
+                    value=v,
+                    comment=req.comment,
+                    paired_response_id=b.response_id,
+                )
                 for a, b, v in ((chosen, rejected, "chosen"), (rejected, chosen, "rejected"))
             ]
         return self._claim_and_publish(events, key_id)
 
-    def _claim_and_publish(self, events: list[FeedbackEvent], key_id: str | None) -> tuple[FeedbackAccepted, int]:
+    def _claim_and_publish(
+        self, events: list[FeedbackEvent], key_id: str | None
+    ) -> tuple[FeedbackAccepted, int]:
         store = self.rt.store
         claimed: list[str] = []
         for ev in events:
             key = _rating_key(ev.response_id, key_id)
-            payload = json.dumps({"event_id": ev.event_id, "kind": ev.kind.value, "value": ev.value,
-                                  "pair": ev.paired_response_id})
+            payload = json.dumps(
+                {
+                    "event_id": ev.event_id,
+                    "kind": ev.kind.value,
+                    "value": ev.value,
+                    "pair": ev.paired_response_id,
+                }
+            )
             earlier = store.claim_rating(key, payload)
             if earlier is None:
                 claimed.append(key)
@@ -78,20 +107,32 @@ class FeedbackService:
             for k in claimed:
                 store.release_rating(k)
             first = json.loads(earlier)
-            same = first["kind"] == ev.kind.value and first["value"] == ev.value and first["pair"] == ev.paired_response_id
+            same = (
+                first["kind"] == ev.kind.value
+                and first["value"] == ev.value
+                and first["pair"] == ev.paired_response_id
+            )
             if same and not claimed:
                 metrics.FEEDBACK_DUPLICATES.inc()
                 return FeedbackAccepted(status="duplicate", event_ids=[e.event_id for e in events]), 200
-            raise APIError(409, f"answer {ev.response_id!r} was already rated ({first['kind']}: {first['value']}); "
-                                "a rating is final", code="already_rated")
+            raise APIError(
+                409,
+                f"answer {ev.response_id!r} was already rated ({first['kind']}: {first['value']}); "
+                "a rating is final",
+                code="already_rated",
+            )
         try:
             for ev in events:
                 self.rt.publisher.publish(FEEDBACK_TOPIC, ev.key(), ev.to_bytes())
         except SpoolFull as exc:
             for k in claimed:
                 store.release_rating(k)
-            raise APIError(503, "feedback is queued faster than Kafka takes it; try again later",
-                           code="feedback_backlog", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+            raise APIError(
+                503,
+                "feedback is queued faster than Kafka takes it; try again later",
+                code="feedback_backlog",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from exc
         for ev in events:
             metrics.FEEDBACK.labels(ev.kind.value, str(ev.value), ev.adapter_version).inc()
             metrics.FEEDBACK_REWARD.labels(ev.adapter_version).inc(ev.reward)

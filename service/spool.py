@@ -213,8 +213,9 @@ class Spool:
             self._conn.execute("BEGIN")
             self._conn.executemany("DELETE FROM spool WHERE seq = ?", [(seq,) for seq in delivered])
             for (seq, topic, key, value, created_at), error in poison:
-                log.error("feedback event %d cannot be delivered, kept in %s dead_letter: %s",
-                          seq, self.path, error)
+                log.error(
+                    "feedback event %d cannot be delivered, kept in %s dead_letter: %s", seq, self.path, error
+                )
                 self._conn.execute(
                     "INSERT OR REPLACE INTO dead_letter VALUES (?, ?, ?, ?, ?, ?)",
                     (seq, topic, key, value, created_at, error),

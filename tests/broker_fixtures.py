@@ -31,7 +31,10 @@ def read_topic(bootstrap: str, topic: str, expected: int | None, timeout: float 
     """
     deadline = time.monotonic() + timeout
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
         client_id="thumbtune-tests",
     )
     try:

@@ -35,13 +35,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
     model.config._name_or_path = "thumbtune-tests/tiny-llama"
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -54,8 +64,13 @@ def settings_factory(tmp_path: Path, tiny_model_dir: Path, broker):  # noqa: ANN
 
     def make(**overrides: object) -> Settings:
         values: dict = dict(
-            model=str(tiny_model_dir), cache_dir=tmp_path / "cache", spool_dir=tmp_path / "spool",
-            kafka_bootstrap_servers=broker.bootstrap, max_context=512, max_tokens_cap=256, default_max_tokens=16,
+            model=str(tiny_model_dir),
+            cache_dir=tmp_path / "cache",
+            spool_dir=tmp_path / "spool",
+            kafka_bootstrap_servers=broker.bootstrap,
+            max_context=512,
+            max_tokens_cap=256,
+            default_max_tokens=16,
             num_threads=0,
         )
         values.update(overrides)

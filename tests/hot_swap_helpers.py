@@ -60,8 +60,12 @@ class VersionWriter:
                 save_file(tensors, str(tmp / WEIGHTS))
 
         manifest = AdapterManifest(
-            version=version, parent=None, base_model="thumbtune-tests/tiny-llama",
-            base_fingerprint=base_fingerprint or self.fingerprint, created_at=time.time(), event_count=0,
+            version=version,
+            parent=None,
+            base_model="thumbtune-tests/tiny-llama",
+            base_fingerprint=base_fingerprint or self.fingerprint,
+            created_at=time.time(),
+            event_count=0,
         )
         store.write_version(version, files, manifest)
         return version
@@ -85,7 +89,7 @@ def reference_logprobs(
     model.eval()
     ids = torch.tensor([prompt + answer])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(1, torch.tensor(answer).unsqueeze(1)).squeeze(1).tolist()
 

@@ -47,7 +47,7 @@ def sample_responses(
         token = torch.multinomial(logp.exp(), 1, generator=generator)
         logprobs.append(logp.gather(1, token))
         ids = torch.cat([ids, token], dim=1)
-    return ids[:, len(prompt):].tolist(), torch.cat(logprobs, dim=1).tolist()
+    return ids[:, len(prompt) :].tolist(), torch.cat(logprobs, dim=1).tolist()
 
 
 def make_event(
@@ -62,13 +62,23 @@ def make_event(
 ) -> FeedbackEvent:
     rid = uuid.uuid4().hex
     fields: dict = {
-        "event_id": uuid.uuid4().hex, "response_id": rid, "completion_id": "chatcmpl-" + rid,
-        "api_key_id": None, "answered_at": 1.0, "rated_at": 2.0,
-        "base_model": base.model_id, "base_fingerprint": base.fingerprint,
-        "adapter_version": adapter_version, "messages": [Message(role="user", content="hi")],
-        "prompt_token_ids": prompt, "response_token_ids": response, "behaviour_logprobs": logprobs,
+        "event_id": uuid.uuid4().hex,
+        "response_id": rid,
+        "completion_id": "chatcmpl-" + rid,
+        "api_key_id": None,
+        "answered_at": 1.0,
+        "rated_at": 2.0,
+        "base_model": base.model_id,
+        "base_fingerprint": base.fingerprint,
+        "adapter_version": adapter_version,
+        "messages": [Message(role="user", content="hi")],
+        "prompt_token_ids": prompt,
+        "response_token_ids": response,
+        "behaviour_logprobs": logprobs,
         "sampling": SamplingParams(temperature=temperature, top_p=1.0, max_tokens=len(response)),
-        "finish_reason": "length", "kind": FeedbackKind.thumb, "value": "up" if reward > 0 else "down",
+        "finish_reason": "length",
+        "kind": FeedbackKind.thumb,
+        "value": "up" if reward > 0 else "down",
         "reward": reward,
     }
     fields.update(overrides)

@@ -72,7 +72,8 @@ def test_ensure_topics_is_idempotent(broker: EmbeddedBroker) -> None:  # noqa: F
 
 
 def test_produce_then_consume_by_assignment_roundtrips(
-    broker: EmbeddedBroker, consume_all: ConsumeAll  # noqa: F811
+    broker: EmbeddedBroker,
+    consume_all: ConsumeAll,  # noqa: F811
 ) -> None:
     ensure_topics(broker.bootstrap, {"test.roundtrip": 3})
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", enable_idempotence=True)
@@ -100,8 +101,12 @@ def test_consumer_group_joins_in_seconds_and_commits(broker: EmbeddedBroker) -> 
     def consume(limit: int) -> tuple[list[bytes], float]:
         start = time.monotonic()
         consumer = KafkaConsumer(
-            "test.group", bootstrap_servers=broker.bootstrap, group_id="test-group", enable_auto_commit=False,
-            auto_offset_reset="earliest", **consumer_group_config(Settings()),
+            "test.group",
+            bootstrap_servers=broker.bootstrap,
+            group_id="test-group",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **consumer_group_config(Settings()),
         )
         got: list[bytes] = []
         while len(got) < limit and time.monotonic() - start < 20:
@@ -157,8 +162,12 @@ def start_cli_broker(port: int) -> tuple[subprocess.Popen[str], int]:
     )
     env = {**os.environ, "THUMBTUNE_BROKER_PORT": str(port), "THUMBTUNE_BROKER_HOST": "127.0.0.1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # blocks until the ready line (or EOF if it died)

@@ -1,4 +1,4 @@
-"""Kafka never takes chat down: ratings spool while the broker is away and arrive, once each, when it is back."""
+"""Kafka never takes chat down: ratings spool while the broker is away and arrive, once each, when back."""
 
 from __future__ import annotations
 
@@ -41,10 +41,15 @@ def test_ratings_during_a_broker_outage_arrive_once_when_it_returns(client_facto
 
 def test_full_spool_answers_503_with_retry_after_and_loses_nothing(client_factory) -> None:  # noqa: ANN001
     client = client_factory(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", spool_max_events=2)
-    rids = [client.post("/v1/chat/completions", json={"model": "thumbtune", "messages": USER, "max_tokens": 2})
-            .json()["id"] for _ in range(3)]
-    assert [client.post("/v1/feedback", json={"response_id": r, "thumb": "up"}).status_code for r in rids[:2]] == [
-        202, 202]
+    rids = [
+        client.post(
+            "/v1/chat/completions", json={"model": "thumbtune", "messages": USER, "max_tokens": 2}
+        ).json()["id"]
+        for _ in range(3)
+    ]
+    assert [
+        client.post("/v1/feedback", json={"response_id": r, "thumb": "up"}).status_code for r in rids[:2]
+    ] == [202, 202]
     full = client.post("/v1/feedback", json={"response_id": rids[2], "thumb": "up"})
     assert full.status_code == 503 and full.headers["retry-after"]
     assert full.json()["error"]["code"] == "feedback_backlog"

@@ -33,7 +33,9 @@ def test_chat_completion_has_ratable_id_usage_and_adapter_header(client) -> None
     assert choice["response_id"] == body["id"]
     assert choice["finish_reason"] in ("stop", "length")
     assert body["usage"]["completion_tokens"] <= 8
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert (
+        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
     assert resp.headers["x-thumbtune-adapter-version"] == "v0" == body["adapter_version"]
 
 
@@ -52,18 +54,27 @@ def test_seed_makes_sampling_reproducible(client) -> None:  # noqa: ANN001
 
 def test_empty_adapter_v0_answers_exactly_like_base(client) -> None:  # noqa: ANN001
     live = chat(client, max_tokens=12, temperature=0, logprobs=True).json()["choices"][0]
-    base = client.post("/v1/chat/completions", json={"model": "base", "messages": USER, "max_tokens": 12,
-                                                      "temperature": 0, "logprobs": True}).json()["choices"][0]
+    base = client.post(
+        "/v1/chat/completions",
+        json={"model": "base", "messages": USER, "max_tokens": 12, "temperature": 0, "logprobs": True},
+    ).json()["choices"][0]
     assert live["message"]["content"] == base["message"]["content"]
     for a, b in zip(live["logprobs"]["content"], base["logprobs"]["content"], strict=True):
         assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
 
 
 def test_streaming_sends_openai_chunks_and_done(client) -> None:  # noqa: ANN001
-    with client.stream("POST", "/v1/chat/completions", json={
-        "model": "thumbtune", "messages": USER, "max_tokens": 10, "stream": True,
-        "stream_options": {"include_usage": True},
-    }) as resp:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "thumbtune",
+            "messages": USER,
+            "max_tokens": 10,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in resp.iter_lines() if line]
@@ -129,7 +140,9 @@ def test_context_overflow_names_the_numbers(client) -> None:  # noqa: ANN001
 
 def test_invalid_json_and_oversized_body(client_factory) -> None:  # noqa: ANN001
     client = client_factory(max_body_bytes=2048)
-    resp = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    resp = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_openai_error(resp, 400)
     big = {"model": "thumbtune", "messages": [{"role": "user", "content": "x" * 5000}]}
     assert_openai_error(client.post("/v1/chat/completions", json=big), 413)
@@ -141,7 +154,12 @@ def test_health_readiness_and_metrics(client) -> None:  # noqa: ANN001
     assert ready.status_code == 200 and ready.json()["model"] is True
     chat(client, max_tokens=3)
     text = client.get("/metrics").text
-    for name in ("thumbtune_http_requests_total", "thumbtune_time_to_first_token_seconds",
-                 "thumbtune_generated_tokens_total", "thumbtune_batch_size", "thumbtune_active_adapter_info"):
+    for name in (
+        "thumbtune_http_requests_total",
+        "thumbtune_time_to_first_token_seconds",
+        "thumbtune_generated_tokens_total",
+        "thumbtune_batch_size",
+        "thumbtune_active_adapter_info",
+    ):
         assert name in text
     assert 'route="/v1/chat/completions"' in text

@@ -25,8 +25,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 pytestmark = pytest.mark.broker
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 ANSWER_TIMEOUT_MS = 30_000
@@ -37,11 +42,15 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture(scope="module")
 def browser():
     if sync_playwright is None:
-        pytest.skip("!!! CHAT PAGE BROWSER TESTS NOT RUN: the 'playwright' package is missing "
-                    "(`make test` installs it; or .venv/bin/pip install playwright) !!!")
+        pytest.skip(
+            "!!! CHAT PAGE BROWSER TESTS NOT RUN: the 'playwright' package is missing "
+            "(`make test` installs it; or .venv/bin/pip install playwright) !!!"
+        )
     if not CHROMIUM.exists():
-        pytest.skip(f"!!! CHAT PAGE BROWSER TESTS NOT RUN: {CHROMIUM} is missing "
-                    "(`make test` installs it when it can; or as root: apt-get install -y chromium) !!!")
+        pytest.skip(
+            f"!!! CHAT PAGE BROWSER TESTS NOT RUN: {CHROMIUM} is missing "
+            "(`make test` installs it when it can; or as root: apt-get install -y chromium) !!!"
+        )
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         yield chromium
@@ -73,7 +82,9 @@ def answers(page: Page):
 
 def wait_for_answers(page: Page, done_total: int, timeout_ms: int = ANSWER_TIMEOUT_MS) -> None:
     """Until `done_total` answers have finished streaming."""
-    expect(page.locator("article.msg-assistant[data-state=done]")).to_have_count(done_total, timeout=timeout_ms)
+    expect(page.locator("article.msg-assistant[data-state=done]")).to_have_count(
+        done_total, timeout=timeout_ms
+    )
 
 
 def send(page: Page, text: str, done_total: int, timeout_ms: int = ANSWER_TIMEOUT_MS) -> None:
@@ -83,13 +94,19 @@ def send(page: Page, text: str, done_total: int, timeout_ms: int = ANSWER_TIMEOU
     wait_for_answers(page, done_total, timeout_ms)
 
 
-def events_for(server, broker, consume_all, response_ids: set[str], expected: int) -> dict[str, FeedbackEvent]:
+def events_for(
+    server, broker, consume_all, response_ids: set[str], expected: int
+) -> dict[str, FeedbackEvent]:
     """The events on the (shared) feedback topic for these answers, once the server has flushed them."""
     assert server.server.config.app.state.runtime.publisher.flush(timeout=20)
     deadline = time.monotonic() + 20
     while True:
         records = consume_all(broker.bootstrap, FEEDBACK_TOPIC, expected=None, timeout=5)
-        mine = [e for e in map(FeedbackEvent.from_bytes, (r.value for r in records)) if e.response_id in response_ids]
+        mine = [
+            e
+            for e in map(FeedbackEvent.from_bytes, (r.value for r in records))
+            if e.response_id in response_ids
+        ]
         if len(mine) >= expected or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -121,7 +138,10 @@ def assert_controls_are_labelled(page: Page) -> None:
 
 
 def test_streamed_answers_thumb_up_multi_turn_and_screenshot(
-    page: Page, live_server_factory, broker, consume_all,
+    page: Page,
+    live_server_factory,
+    broker,
+    consume_all,
 ) -> None:
     server = live_server_factory()
     open_page(page, server)
@@ -147,7 +167,10 @@ def test_streamed_answers_thumb_up_multi_turn_and_screenshot(
     assert ev.reward == 1.0 and ev.kind.value == "thumb" and ev.value == "up"
     assert ev.adapter_version == "v0"
     assert [m.role for m in ev.messages] == ["user", "assistant", "user"]
-    assert ev.messages[0].content == "Hello! What can you do?" and ev.messages[2].content == "Tell me more, please."
+    assert (
+        ev.messages[0].content == "Hello! What can you do?"
+        and ev.messages[2].content == "Tell me more, please."
+    )
     assert ev.messages[1].content == first.locator(".msg-body").evaluate("el => el.textContent")
 
     shot = screenshot(page, "chat-page.png")
@@ -157,7 +180,10 @@ def test_streamed_answers_thumb_up_multi_turn_and_screenshot(
 
 
 def test_compare_mode_pick_the_better_of_two_streamed_answers(
-    page: Page, live_server_factory, broker, consume_all,
+    page: Page,
+    live_server_factory,
+    broker,
+    consume_all,
 ) -> None:
     server = live_server_factory()
     open_page(page, server)
@@ -243,7 +269,10 @@ def test_keyboard_only_thumbs_and_rating(page: Page, live_server_factory, broker
 
 
 def test_api_key_is_asked_for_kept_in_local_storage_and_used(
-    page: Page, live_server_factory, broker, consume_all,
+    page: Page,
+    live_server_factory,
+    broker,
+    consume_all,
 ) -> None:
     server = live_server_factory(api_keys="page-key")
     open_page(page, server)
@@ -287,23 +316,41 @@ def test_errors_are_shown_inline_in_plain_words(page: Page, live_server_factory)
     expect(answer.get_by_role("button", name="Good answer")).to_have_attribute("aria-pressed", "false")
 
     # Rate limits and a busy server (the page's handling of 429 and 503 with Retry-After).
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=429, headers={"retry-after": "20"}, content_type="application/json",
-        body='{"error": {"message": "rate limit", "type": "rate_limit_error", "param": null, "code": null}}'))
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(
+            status=429,
+            headers={"retry-after": "20"},
+            content_type="application/json",
+            body='{"error": {"message": "rate limit", "type": "rate_limit_error", '
+            '"param": null, "code": null}}',
+        ),
+    )
     page.get_by_label("Message", exact=True).fill("Again")
     page.get_by_role("button", name="Send").click()
-    expect(page.get_by_role("alert")).to_contain_text("Too many requests right now. Please try again in 20 seconds.")
+    expect(page.get_by_role("alert")).to_contain_text(
+        "Too many requests right now. Please try again in 20 seconds."
+    )
     page.unroute("**/v1/chat/completions")
     page.get_by_role("button", name="Try again").click()  # retry works once the limit is gone
     wait_for_answers(page, 2)
     expect(page.get_by_role("alert")).to_have_count(0)
 
-    page.route("**/v1/feedback", lambda route: route.fulfill(
-        status=503, headers={"retry-after": "30"}, content_type="application/json",
-        body='{"error": {"message": "backlog", "type": "service_unavailable", "param": null, "code": null}}'))
+    page.route(
+        "**/v1/feedback",
+        lambda route: route.fulfill(
+            status=503,
+            headers={"retry-after": "30"},
+            content_type="application/json",
+            body='{"error": {"message": "backlog", "type": "service_unavailable", '
+            '"param": null, "code": null}}',
+        ),
+    )
     second = answers(page).nth(1)
     second.get_by_role("button", name="Good answer").click()
-    expect(second.get_by_role("status")).to_contain_text("can't take ratings right now. Please try again in 30")
+    expect(second.get_by_role("status")).to_contain_text(
+        "can't take ratings right now. Please try again in 30"
+    )
     expect(second.get_by_role("button", name="Good answer")).to_be_enabled()  # the user can try again
     page.unroute("**/v1/feedback")
 
@@ -324,13 +371,16 @@ def test_page_and_assets_are_served_without_anything_external(client) -> None:
         assert client.get(asset).status_code == 200
     for name in ("index.html", "app.css", "app.js"):
         text = client.get(f"/static/{name}").text
-        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, \
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, (
             f"{name} refers to something outside this server"
+        )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("THUMBTUNE_DOCS_SCREENSHOT"),
-                    reason="opt-in: THUMBTUNE_DOCS_SCREENSHOT=1 redraws docs/chat-page.png with the real model")
+@pytest.mark.skipif(
+    not os.environ.get("THUMBTUNE_DOCS_SCREENSHOT"),
+    reason="opt-in: THUMBTUNE_DOCS_SCREENSHOT=1 redraws docs/chat-page.png with the real model",
+)
 def test_redraw_readme_screenshot(page: Page, live_server_factory) -> None:
     """docs/chat-page.png for the README: the real embedded model, a thumbed-up answer and a compare turn.
 

@@ -45,7 +45,9 @@ def test_thumb_event_carries_tokens_logprobs_and_version(client, broker, consume
     # Token ids and log-probs line up with the answer the user saw.
     assert len(ev.response_token_ids) == body["usage"]["completion_tokens"] == len(ev.behaviour_logprobs)
     assert ev.behaviour_logprobs == [t["logprob"] for t in choice["logprobs"]["content"]]
-    assert rt.tokenizer.decode(ev.response_token_ids, skip_special_tokens=True) == choice["message"]["content"]
+    assert (
+        rt.tokenizer.decode(ev.response_token_ids, skip_special_tokens=True) == choice["message"]["content"]
+    )
     assert ev.sampling.temperature == 1.0 and ev.sampling.max_tokens == 12
     assert ev.finish_reason == choice["finish_reason"]
 
@@ -91,19 +93,24 @@ def test_repeat_rating_is_idempotent_and_published_once(client, broker, consume_
 
 
 def test_unknown_response_is_404(client) -> None:  # noqa: ANN001
-    err = assert_openai_error(client.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "thumb": "up"}), 404)
+    err = assert_openai_error(
+        client.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "thumb": "up"}), 404
+    )
     assert "chatcmpl-nope" in err["message"]
 
 
-@pytest.mark.parametrize("body", [
-    {"response_id": "x"},
-    {"response_id": "x", "thumb": "sideways"},
-    {"response_id": "x", "rating": 6},
-    {"response_id": "x", "thumb": "up", "rating": 5},
-    {"chosen": "x"},
-    {"thumb": "up"},
-    {"response_id": "x", "thumb": "up", "extra": 1},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"response_id": "x"},
+        {"response_id": "x", "thumb": "sideways"},
+        {"response_id": "x", "rating": 6},
+        {"response_id": "x", "thumb": "up", "rating": 5},
+        {"chosen": "x"},
+        {"thumb": "up"},
+        {"response_id": "x", "thumb": "up", "extra": 1},
+    ],
+)
 def test_malformed_feedback_is_400(client, body: dict) -> None:  # noqa: ANN001
     assert_openai_error(client.post("/v1/feedback", json=body), 400)
 
@@ -111,16 +118,25 @@ def test_malformed_feedback_is_400(client, body: dict) -> None:  # noqa: ANN001
 def test_api_keys_guard_chat_and_feedback_and_keys_rate_only_their_answers(client_factory) -> None:  # noqa: ANN001
     client = client_factory(api_keys="alice-key,bob-key")
     assert_openai_error(chat(client), 401)
-    wrong = client.post("/v1/chat/completions", json={"model": "thumbtune", "messages": USER},
-                        headers={"Authorization": "Bearer wrong"})
+    wrong = client.post(
+        "/v1/chat/completions",
+        json={"model": "thumbtune", "messages": USER},
+        headers={"Authorization": "Bearer wrong"},
+    )
     assert_openai_error(wrong, 401)
     alice = {"Authorization": "Bearer alice-key"}
     bob = {"Authorization": "Bearer bob-key"}
-    rid = client.post("/v1/chat/completions", json={"model": "thumbtune", "messages": USER, "max_tokens": 4},
-                      headers=alice).json()["id"]
+    rid = client.post(
+        "/v1/chat/completions", json={"model": "thumbtune", "messages": USER, "max_tokens": 4}, headers=alice
+    ).json()["id"]
     assert_openai_error(client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}), 401)
-    assert_openai_error(client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}, headers=bob), 404)
-    assert client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}, headers=alice).status_code == 202
+    assert_openai_error(
+        client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}, headers=bob), 404
+    )
+    assert (
+        client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}, headers=alice).status_code
+        == 202
+    )
 
 
 def test_admin_routes_refused_without_token_configured_and_need_it_when_set(client_factory) -> None:  # noqa: ANN001

@@ -81,13 +81,19 @@ def test_start_up_serves_the_newest_good_version_and_refuses_bad_ones_with_reaso
     writer.write(store, 2.0, seed=7)  # far from the base: over the tight KL(new || base) bound below
     before = {r: refused_total(r) for r in ("sha256", "fingerprint", "shape", "nonfinite", "kl_base")}
 
-    client = client_factory(adapter_store=str(store.root), admin_token=TOKEN, adapter_follow=False,
-                            adapter_max_kl_base=0.015)
+    client = client_factory(
+        adapter_store=str(store.root), admin_token=TOKEN, adapter_follow=False, adapter_max_kl_base=0.015
+    )
     body = admin(client)
 
     assert body["live"] == "v2" and body["pinned"] is None and body["loaded"] == ["v0", "v2"]
     assert {v: r["reason"] for v, r in body["refused"].items()} == {
-        "v3": "nonfinite", "v4": "shape", "v5": "fingerprint", "v6": "sha256", "v7": "kl_base"}
+        "v3": "nonfinite",
+        "v4": "shape",
+        "v5": "fingerprint",
+        "v6": "sha256",
+        "v7": "kl_base",
+    }
     assert "adapter_model.safetensors: sha256 mismatch" in body["refused"]["v6"]["message"]
     assert "NaN" in body["refused"]["v3"]["message"]
     rows = {row["version"]: row for row in body["versions"]}
@@ -115,8 +121,9 @@ def test_pin_unpin_and_rollback_through_the_admin_api(
     monkeypatch.setattr(adapters_module, "RESOLVE_GRACE_S", 0.2)
     for seed in (1, 2, 3):
         writer.write(store, 0.05, seed=seed)
-    client = client_factory(adapter_store=str(store.root), admin_token=TOKEN, adapter_follow=False,
-                            adapter_max_kl_live=0.01)
+    client = client_factory(
+        adapter_store=str(store.root), admin_token=TOKEN, adapter_follow=False, adapter_max_kl_live=0.01
+    )
     rt = client.app.state.runtime
     assert admin(client)["live"] == "v3"
 

@@ -70,11 +70,26 @@ def train_one_version(settings: Settings) -> str:
 
     A high learning rate so the tiny model's log-probs move measurably in one update.
     """
-    learner_settings = LearnerSettings(batch_size=8, min_batch=8, epochs=4, minibatch_size=8, lr=1e-2,
-                                       early_stop_kl=None, max_staleness=1000, metrics_port=0)
+    learner_settings = LearnerSettings(
+        batch_size=8,
+        min_batch=8,
+        epochs=4,
+        minibatch_size=8,
+        lr=1e-2,
+        early_stop_kl=None,
+        max_staleness=1000,
+        metrics_port=0,
+    )
     learner = Learner(settings, learner_settings)
-    events = sample_events(learner.policy, learner.base, make_prompts(2, 4, seed=1), 4, 5,
-                           lambda r: 1.0 if r[0] % 2 else -1.0, torch.Generator().manual_seed(1))
+    events = sample_events(
+        learner.policy,
+        learner.base,
+        make_prompts(2, 4, seed=1),
+        4,
+        5,
+        lambda r: 1.0 if r[0] % 2 else -1.0,
+        torch.Generator().manual_seed(1),
+    )
     version = learner.train(events)
     assert version is not None
     return version
@@ -84,14 +99,22 @@ def test_a_learner_version_announced_goes_live_and_serves_exactly_its_saved_weig
     client_factory, kafka: EmbeddedBroker, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     store = LocalAdapterStore(tmp_path / "adapters")
-    client = client_factory(adapter_store=str(store.root), kafka_bootstrap_servers=kafka.bootstrap,
-                            admin_token=TOKEN)
+    client = client_factory(
+        adapter_store=str(store.root), kafka_bootstrap_servers=kafka.bootstrap, admin_token=TOKEN
+    )
     rt = client.app.state.runtime
     assert rt.follower.assigned.wait(30), rt.follower.state()
-    swaps, latencies = sample("thumbtune_adapter_swaps_total", {"trigger": "announcement"}), sample(
-        "thumbtune_adapter_swap_latency_seconds_count")
-    request = {"model": "thumbtune", "messages": [{"role": "user", "content": "Name a colour."}],
-               "max_tokens": 8, "temperature": 0, "logprobs": True}
+    swaps, latencies = (
+        sample("thumbtune_adapter_swaps_total", {"trigger": "announcement"}),
+        sample("thumbtune_adapter_swap_latency_seconds_count"),
+    )
+    request = {
+        "model": "thumbtune",
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+    }
     assert client.post("/v1/chat/completions", json=request).json()["adapter_version"] == "v0"
 
     assert train_one_version(rt.settings) == "v1"
@@ -106,8 +129,9 @@ def test_a_learner_version_announced_goes_live_and_serves_exactly_its_saved_weig
     assert record.adapter_version == "v1" and len(record.response_token_ids) == len(served) > 0
     # the proof: the server's log-probs are what PeftModel.from_pretrained(base, v1/) computes from the
     # directory the learner saved
-    expected = reference_logprobs(tiny_model_dir, store.path("v1"), record.prompt_token_ids,
-                                  record.response_token_ids)
+    expected = reference_logprobs(
+        tiny_model_dir, store.path("v1"), record.prompt_token_ids, record.response_token_ids
+    )
     assert max(abs(a - b) for a, b in zip(served, expected, strict=True)) < 1e-4
     base = reference_logprobs(tiny_model_dir, None, record.prompt_token_ids, record.response_token_ids)
     assert max(abs(a - b) for a, b in zip(served, base, strict=True)) > 1e-2  # and v1 is not the base
@@ -137,8 +161,13 @@ class Stream:
 
 def stream_once(url: str) -> Stream:
     s = Stream(started=time.monotonic())
-    request = {"model": "thumbtune", "messages": [{"role": "user", "content": "Tell me a story."}],
-               "max_tokens": 48, "temperature": 1.0, "stream": True}
+    request = {
+        "model": "thumbtune",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 48,
+        "temperature": 1.0,
+        "stream": True,
+    }
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, timeout=30) as response:
             s.status = response.status_code
@@ -164,13 +193,17 @@ def stream_once(url: str) -> Stream:
 
 
 def test_swaps_under_concurrent_streaming_load_fail_nothing_and_keep_each_request_on_its_version(
-    live_server_factory, kafka: EmbeddedBroker, writer: VersionWriter, tmp_path: Path,
+    live_server_factory,
+    kafka: EmbeddedBroker,
+    writer: VersionWriter,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(adapters_module, "RESOLVE_GRACE_S", 0.2)
     store = LocalAdapterStore(tmp_path / "adapters")
-    server = live_server_factory(adapter_store=str(store.root), kafka_bootstrap_servers=kafka.bootstrap,
-                                 max_batch_size=8)
+    server = live_server_factory(
+        adapter_store=str(store.root), kafka_bootstrap_servers=kafka.bootstrap, max_batch_size=8
+    )
     rt = server.server.config.app.state.runtime
     assert rt.follower.assigned.wait(30), rt.follower.state()
     live_at: dict[str, float] = {}
@@ -192,6 +225,7 @@ def test_swaps_under_concurrent_streaming_load_fail_nothing_and_keep_each_reques
     clients = [threading.Thread(target=client) for _ in range(6)]
     for t in clients:
         t.start()
+
     def served_by(version: str) -> int:
         return sum(s.version == version for s in list(streams))
 

@@ -1,8 +1,8 @@
 """Exactly once across crashes: `thumbtune learn` SIGKILLed at several points, restarted each time.
 
-The learner runs as a subprocess on a broker of its own, over a stream of 48 rated answers (batches of 3) plus producer
-retries and garbage. It is killed between saving a version and announcing it, between announcing and
-committing (both made deterministic with the THUMBTUNE_LEARNER_TEST_PAUSE_AT hook), and twice at random
+The learner runs as a subprocess on a broker of its own, over a stream of 48 rated answers (batches of 3)
+plus producer retries and garbage. It is killed between saving a version and announcing it, between announcing
+and committing (both made deterministic with the THUMBTUNE_LEARNER_TEST_PAUSE_AT hook), and twice at random
 moments in consumption or an update; a last run is stopped with SIGTERM. The store's manifests must then
 prove that every event was trained exactly once, and every version must be whole and announced.
 """
@@ -47,8 +47,14 @@ class LearnerProcess:
         self.log_path = log_path
         env = env | ({"THUMBTUNE_LEARNER_TEST_PAUSE_AT": pause_at} if pause_at else {})
         with log_path.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "thumbtune.cli", "learn"], cwd=REPO, env=env,
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "thumbtune.cli", "learn"],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -57,7 +63,9 @@ class LearnerProcess:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.proc.poll() is not None:
-                raise AssertionError(f"learner exited ({self.proc.returncode}) before {what}:\n{self.output()}")
+                raise AssertionError(
+                    f"learner exited ({self.proc.returncode}) before {what}:\n{self.output()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {what} within {timeout} s:\n{self.output()}")
             time.sleep(0.05)
@@ -87,12 +95,19 @@ def test_every_event_is_trained_exactly_once_across_sigkills_at_any_point(
     store_path = tmp_path / "adapters"
     store = LocalAdapterStore(store_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("THUMBTUNE_")} | {
-        "THUMBTUNE_MODEL": str(tiny_model_dir), "THUMBTUNE_CACHE_DIR": str(tmp_path / "cache"),
-        "THUMBTUNE_ADAPTER_STORE": str(store_path), "THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
-        "THUMBTUNE_LEARNER_BATCH_SIZE": "3", "THUMBTUNE_LEARNER_MIN_BATCH": "3",
-        "THUMBTUNE_LEARNER_EPOCHS": "1", "THUMBTUNE_LEARNER_MINIBATCH_SIZE": "3",
-        "THUMBTUNE_LEARNER_MAX_STALENESS": "1000", "THUMBTUNE_LEARNER_METRICS_PORT": "0",
-        "THUMBTUNE_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "THUMBTUNE_LOG_LEVEL": "info",
+        "THUMBTUNE_MODEL": str(tiny_model_dir),
+        "THUMBTUNE_CACHE_DIR": str(tmp_path / "cache"),
+        "THUMBTUNE_ADAPTER_STORE": str(store_path),
+        "THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+        "THUMBTUNE_LEARNER_BATCH_SIZE": "3",
+        "THUMBTUNE_LEARNER_MIN_BATCH": "3",
+        "THUMBTUNE_LEARNER_EPOCHS": "1",
+        "THUMBTUNE_LEARNER_MINIBATCH_SIZE": "3",
+        "THUMBTUNE_LEARNER_MAX_STALENESS": "1000",
+        "THUMBTUNE_LEARNER_METRICS_PORT": "0",
+        "THUMBTUNE_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "THUMBTUNE_LOG_LEVEL": "info",
     }
     run = 0
 
@@ -105,7 +120,9 @@ def test_every_event_is_trained_exactly_once_across_sigkills_at_any_point(
         return [i for v in store.versions() for i in store.read_manifest(v).event_ids]
 
     def announced() -> list[AdapterAnnouncement]:
-        return [AdapterAnnouncement.from_bytes(r.value) for r in read_topic(kafka.bootstrap, ADAPTERS_TOPIC, None)]
+        return [
+            AdapterAnnouncement.from_bytes(r.value) for r in read_topic(kafka.bootstrap, ADAPTERS_TOPIC, None)
+        ]
 
     # 1. killed after v1 is durable, before it is announced
     learner = start(pause_at="after_save")
@@ -115,7 +132,9 @@ def test_every_event_is_trained_exactly_once_across_sigkills_at_any_point(
 
     # 2. restarted: announces v1 first; killed after announcing v2, before committing its offsets
     learner = start(pause_at="after_announce")
-    learner.wait_for(lambda: "test hook: paused at after_announce" in learner.output(), "pause after announce")
+    learner.wait_for(
+        lambda: "test hook: paused at after_announce" in learner.output(), "pause after announce"
+    )
     learner.kill()
     assert "newest version v1 was not announced" in learner.output()
     assert store.versions() == ["v1", "v2"] and [a.version for a in announced()] == ["v1", "v2"]

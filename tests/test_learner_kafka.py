@@ -56,9 +56,18 @@ def kafka(tmp_path: Path) -> Iterator[EmbeddedBroker]:
 def make_events(model_dir: Path, cache_dir: Path, n: int, seed: int) -> list[FeedbackEvent]:
     """``n`` (a multiple of 4) rated answers the tiny model's v0 gave, valid for its fingerprint."""
     base = tiny_base(model_dir, cache_dir)
-    policy = Policy.fresh(base.model, Settings(model=str(model_dir), cache_dir=cache_dir), torch.device("cpu"))
-    return sample_events(policy, base, make_prompts(n // 4, 4, seed=seed), 4, 5,
-                         lambda r: 1.0 if r[0] % 2 else -1.0, torch.Generator().manual_seed(seed))
+    policy = Policy.fresh(
+        base.model, Settings(model=str(model_dir), cache_dir=cache_dir), torch.device("cpu")
+    )
+    return sample_events(
+        policy,
+        base,
+        make_prompts(n // 4, 4, seed=seed),
+        4,
+        5,
+        lambda r: 1.0 if r[0] % 2 else -1.0,
+        torch.Generator().manual_seed(seed),
+    )
 
 
 def produce(bootstrap: str, records: list[tuple[bytes, bytes]]) -> None:
@@ -76,8 +85,15 @@ def records_of(events: list[FeedbackEvent]) -> list[tuple[bytes, bytes]]:
 
 
 def learner_settings(**overrides: object) -> LearnerSettings:
-    values: dict = {"batch_size": 8, "min_batch": 8, "max_wait_s": 60, "epochs": 1, "minibatch_size": 8,
-                    "max_staleness": 1000, "metrics_port": 0}
+    values: dict = {
+        "batch_size": 8,
+        "min_batch": 8,
+        "max_wait_s": 60,
+        "epochs": 1,
+        "minibatch_size": 8,
+        "max_staleness": 1000,
+        "metrics_port": 0,
+    }
     return LearnerSettings(**(values | overrides))
 
 
@@ -97,8 +113,12 @@ def until(condition: Callable[[], bool], timeout: float = 120) -> Callable[[], b
 
 @pytest.fixture
 def settings(tiny_model_dir: Path, tmp_path: Path, kafka: EmbeddedBroker) -> Settings:
-    return Settings(model=str(tiny_model_dir), cache_dir=tmp_path / "cache", adapter_store=str(tmp_path / "adapters"),
-                    kafka_bootstrap_servers=kafka.bootstrap)
+    return Settings(
+        model=str(tiny_model_dir),
+        cache_dir=tmp_path / "cache",
+        adapter_store=str(tmp_path / "adapters"),
+        kafka_bootstrap_servers=kafka.bootstrap,
+    )
 
 
 def test_learner_trains_every_event_once_announces_each_version_and_serves_metrics(
@@ -131,11 +151,18 @@ def test_learner_trains_every_event_once_announces_each_version_and_serves_metri
     assert sum(manifests[-1].offsets.values()) <= len(records)
     assert loop.learner.skips.total == {"duplicate": 1, "not_json": 1}
 
-    announced = [AdapterAnnouncement.from_bytes(r.value) for r in read_topic(settings.kafka_bootstrap_servers,
-                                                                              ADAPTERS_TOPIC, expected=3)]
+    announced = [
+        AdapterAnnouncement.from_bytes(r.value)
+        for r in read_topic(settings.kafka_bootstrap_servers, ADAPTERS_TOPIC, expected=3)
+    ]
     assert [a.version for a in announced] == versions
     for a, m in zip(announced, manifests, strict=True):
-        assert (a.sha256, a.parent, a.event_count, a.base_fingerprint) == (m.sha256, m.parent, 8, m.base_fingerprint)
+        assert (a.sha256, a.parent, a.event_count, a.base_fingerprint) == (
+            m.sha256,
+            m.parent,
+            8,
+            m.base_fingerprint,
+        )
         assert a.uri == store.uri(a.version) and "kl_ref" in a.stats
 
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
@@ -145,12 +172,28 @@ def test_learner_trains_every_event_once_announces_each_version_and_serves_metri
         admin.close()
     assert {f"{tp.topic}:{tp.partition}": o.offset for tp, o in committed.items()} == manifests[-1].offsets
 
-    for name in ("events_consumed_total", "events_dropped_total{reason=\"duplicate\"}",
-                 "events_dropped_total{reason=\"not_json\"}", "consumer_lag", "buffered_events",
-                 "batch_size_bucket", "update_duration_seconds_bucket", "versions_total", "announcements_total",
-                 "policy_loss", "value_loss", "entropy_nats", "approx_kl", "kl_ref_nats", "beta",
-                 "clip_fraction", "explained_variance", "mean_reward", "is_effective_sample_size",
-                 "response_length_drift_tokens"):
+    for name in (
+        "events_consumed_total",
+        'events_dropped_total{reason="duplicate"}',
+        'events_dropped_total{reason="not_json"}',
+        "consumer_lag",
+        "buffered_events",
+        "batch_size_bucket",
+        "update_duration_seconds_bucket",
+        "versions_total",
+        "announcements_total",
+        "policy_loss",
+        "value_loss",
+        "entropy_nats",
+        "approx_kl",
+        "kl_ref_nats",
+        "beta",
+        "clip_fraction",
+        "explained_variance",
+        "mean_reward",
+        "is_effective_sample_size",
+        "response_length_drift_tokens",
+    ):
         assert f"thumbtune_learner_{name}" in body, name
     assert "thumbtune_learner_current_version 3.0" in body
 

@@ -70,8 +70,17 @@ def test_row_chunks_keep_every_row_once_within_the_budget() -> None:
     mask = torch.zeros(len(lengths), 9, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-    batch = Batch(mask, mask, torch.ones(6, dtype=torch.long), mask, mask.float(), torch.zeros(6),
-                  torch.zeros(6, 9), torch.ones(6), [str(i) for i in range(6)])
+    batch = Batch(
+        mask,
+        mask,
+        torch.ones(6, dtype=torch.long),
+        mask,
+        mask.float(),
+        torch.zeros(6),
+        torch.zeros(6, 9),
+        torch.ones(6),
+        [str(i) for i in range(6)],
+    )
     index = torch.tensor([4, 0, 5, 2, 1, 3])
     assert [c.tolist() for c in row_chunks(batch, index, None)] == [index.tolist()]
     chunks = row_chunks(batch, index, 20)  # width 9: 54 padded tokens -> 3 chunks of 2 rows

@@ -26,8 +26,9 @@ def single_thread():
 
 @pytest.fixture
 def settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
-    return Settings(model=str(tiny_model_dir), cache_dir=tmp_path / "cache",
-                    adapter_store=str(tmp_path / "adapters"))
+    return Settings(
+        model=str(tiny_model_dir), cache_dir=tmp_path / "cache", adapter_store=str(tmp_path / "adapters")
+    )
 
 
 @pytest.fixture
@@ -35,8 +36,15 @@ def events_file(settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> tup
     """20 rated answers v0 gave; plus a repeat, garbage, another base's event, a bad token id."""
     base = tiny_base(tiny_model_dir, tmp_path)
     policy = Policy.fresh(base.model, settings, torch.device("cpu"))
-    events = sample_events(policy, base, make_prompts(5, 4, seed=0), 4, 5,
-                           lambda r: 1.0 if r[0] % 2 else -1.0, torch.Generator().manual_seed(0))
+    events = sample_events(
+        policy,
+        base,
+        make_prompts(5, 4, seed=0),
+        4,
+        5,
+        lambda r: 1.0 if r[0] % 2 else -1.0,
+        torch.Generator().manual_seed(0),
+    )
     lines = [e.model_dump_json() for e in events]
     lines.insert(3, lines[1])  # Kafka redelivery: same event id again
     lines.insert(5, "{not json")
@@ -66,8 +74,12 @@ def test_replay_trains_every_valid_event_exactly_once_into_consecutive_versions(
     assert [i for m in manifests for i in m.event_ids] == event_ids  # file order, each exactly once
     assert all(m.offsets == {} and store.verify(m.version) == [] for m in manifests)
     skipped = {k: v for k, v in manifests[0].diagnostics.items() if k.startswith("skipped.")}
-    assert skipped == {"skipped.duplicate": 1, "skipped.not_json": 1, "skipped.fingerprint": 1,
-                       "skipped.token_out_of_vocab": 1}
+    assert skipped == {
+        "skipped.duplicate": 1,
+        "skipped.not_json": 1,
+        "skipped.fingerprint": 1,
+        "skipped.token_out_of_vocab": 1,
+    }
     assert {"policy_loss", "kl_ref", "beta", "is_ess", "update_s"} <= set(manifests[2].diagnostics)
 
     assert run_from_file(settings, learner_settings, path, once=True) == []  # already trained: nothing new

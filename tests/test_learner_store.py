@@ -12,8 +12,16 @@ from thumbtune.contract import AdapterManifest
 
 
 def manifest(version: str, parent: str | None = "v0") -> AdapterManifest:
-    return AdapterManifest(version=version, parent=parent, base_model="tiny", base_fingerprint="f" * 32,
-                           created_at=1.0, event_count=2, event_ids=["a", "b"], diagnostics={"kl_ref": 0.5})
+    return AdapterManifest(
+        version=version,
+        parent=parent,
+        base_model="tiny",
+        base_fingerprint="f" * 32,
+        created_at=1.0,
+        event_count=2,
+        event_ids=["a", "b"],
+        diagnostics={"kl_ref": 0.5},
+    )
 
 
 def writer(payload: bytes = b"weights"):

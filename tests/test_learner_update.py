@@ -80,6 +80,7 @@ def test_ppo_raises_the_rewarded_tokens_probability_while_kl_to_the_reference_st
 
     before = chosen_probability()
     assert before == pytest.approx(chosen_probability(reference=True), abs=1e-6)  # v0 is the base
+
     def reward(response: list[int]) -> float:
         return 1.0 if chosen in response else -1.0
 
@@ -98,8 +99,21 @@ def test_ppo_raises_the_rewarded_tokens_probability_while_kl_to_the_reference_st
     positions = response_positions(probe)
     assert 0 < (kl_per_token * positions).sum() / positions.sum() < 0.5
     assert state.updates == 4 and diagnostics["beta"] > 0
-    expected = {"policy_loss", "value_loss", "entropy", "approx_kl", "kl_ref", "beta", "clipfrac", "n_events",
-                "explained_variance", "mean_reward", "is_ess", "response_length_drift", "update_s"}
+    expected = {
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "approx_kl",
+        "kl_ref",
+        "beta",
+        "clipfrac",
+        "n_events",
+        "explained_variance",
+        "mean_reward",
+        "is_ess",
+        "response_length_drift",
+        "update_s",
+    }
     assert expected <= set(diagnostics)
 
 
@@ -109,8 +123,9 @@ def test_importance_weights_are_one_on_policy_and_shrink_where_the_policy_moved_
     base, policy = fresh_policy(tiny_model_dir, tmp_path)
     generator = torch.Generator().manual_seed(1)
     prompts = make_prompts(2, 5, seed=1)
-    events = (sample_events(policy, base, prompts[:1], 8, 6, lambda r: 1.0, generator, temperature=1.0)
-              + sample_events(policy, base, prompts[1:], 8, 6, lambda r: -1.0, generator, temperature=0.7))
+    events = sample_events(
+        policy, base, prompts[:1], 8, 6, lambda r: 1.0, generator, temperature=1.0
+    ) + sample_events(policy, base, prompts[1:], 8, 6, lambda r: -1.0, generator, temperature=0.7)
     batch = Batch.from_events(events, base.tokenizer.pad_token_id)
 
     on_policy = importance_weights(policy, batch, c=1.0)
@@ -140,22 +155,34 @@ def test_a_saved_version_loads_with_peft_and_reproduces_the_learners_logprobs(
     cfg = learner_settings.ppo_config()
     state = LearnerState.create(policy, cfg)
     generator = torch.Generator().manual_seed(2)
-    events = sample_events(policy, base, make_prompts(2, 5, seed=2), 6, 6, lambda r: float(r[0] % 2) * 2 - 1,
-                           generator)
+    events = sample_events(
+        policy, base, make_prompts(2, 5, seed=2), 6, 6, lambda r: float(r[0] % 2) * 2 - 1, generator
+    )
     batch = Batch.from_events(events, base.tokenizer.pad_token_id)
     diagnostics = ppo_update(policy, batch, state, cfg)
     store = LocalAdapterStore(tmp_path / "adapters")
 
-    version = save_version(store, policy, state, base=base, event_ids=batch.event_ids,
-                           offsets={"thumbtune.feedback:0": 12}, diagnostics=diagnostics)
+    version = save_version(
+        store,
+        policy,
+        state,
+        base=base,
+        event_ids=batch.event_ids,
+        offsets={"thumbtune.feedback:0": 12},
+        diagnostics=diagnostics,
+    )
 
     assert version == "v1" and policy.version == "v1" and store.verify("v1") == []
     manifest = store.read_manifest("v1")
     assert (manifest.parent, manifest.event_count, manifest.event_ids) == ("v0", len(events), batch.event_ids)
     assert manifest.base_fingerprint == base.fingerprint and manifest.offsets == {"thumbtune.feedback:0": 12}
     assert math.isclose(manifest.diagnostics["kl_ref"], diagnostics["kl_ref"])
-    assert set(manifest.sha256) == {"adapter_model.safetensors", "adapter_config.json",
-                                    "value_head.safetensors", "learner_state.pt"}
+    assert set(manifest.sha256) == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "value_head.safetensors",
+        "learner_state.pt",
+    }
     assert json.loads((store.path("v1") / "adapter_config.json").read_text())["r"] == settings.lora_r
 
     with torch.no_grad():
@@ -169,8 +196,9 @@ def test_a_saved_version_loads_with_peft_and_reproduces_the_learners_logprobs(
     reloaded = full[positions].gather(-1, batch.response_ids[batch.mask.bool()].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(reloaded, learner.logprobs[batch.mask.bool()], atol=1e-5, rtol=0)
 
-    resumed, resumed_state = load_latest(store, tiny_base(tiny_model_dir, tmp_path, SHARPEN), settings,
-                                         learner_settings)
+    resumed, resumed_state = load_latest(
+        store, tiny_base(tiny_model_dir, tmp_path, SHARPEN), settings, learner_settings
+    )
     assert resumed.version == "v1"
     with torch.no_grad():
         again = resumed.forward_batch(batch, with_values=True)
@@ -187,8 +215,12 @@ def test_a_saved_version_loads_with_peft_and_reproduces_the_learners_logprobs(
 @pytest.fixture
 def learner(tiny_model_dir: Path, tmp_path: Path) -> Learner:
     base = tiny_base(tiny_model_dir, tmp_path)
-    return Learner(Settings(model=str(tiny_model_dir)), LearnerSettings(), base=base,
-                   store=LocalAdapterStore(tmp_path / "adapters"))
+    return Learner(
+        Settings(model=str(tiny_model_dir)),
+        LearnerSettings(),
+        base=base,
+        store=LocalAdapterStore(tmp_path / "adapters"),
+    )
 
 
 def _valid(learner: Learner) -> dict:

@@ -12,8 +12,11 @@ def test_openai_client_non_streaming_and_rating(live_server_factory) -> None:  #
     server = live_server_factory()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     raw = client.chat.completions.with_raw_response.create(
-        model="thumbtune", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        max_tokens=8, temperature=0.7, seed=3,
+        model="thumbtune",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0.7,
+        seed=3,
     )
     completion = raw.parse()
     assert raw.headers["x-thumbtune-adapter-version"] == "v0"
@@ -31,7 +34,10 @@ def test_openai_client_streaming_with_usage(live_server_factory) -> None:  # noq
     server = live_server_factory()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     stream = client.chat.completions.create(
-        model="thumbtune", messages=[{"role": "user", "content": "Count to three."}], max_tokens=10, stream=True,
+        model="thumbtune",
+        messages=[{"role": "user", "content": "Count to three."}],
+        max_tokens=10,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -48,7 +54,9 @@ def test_openai_client_errors_surface_as_openai_exceptions(live_server_factory) 
         client.chat.completions.create(model="thumbtune", messages=[{"role": "user", "content": "hi"}])
     good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k1", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        good.chat.completions.create(model="thumbtune", messages=[{"role": "user", "content": "hi"}], max_tokens=99999)
+        good.chat.completions.create(
+            model="thumbtune", messages=[{"role": "user", "content": "hi"}], max_tokens=99999
+        )
     assert "max_tokens" in str(info.value)
     with pytest.raises(openai.NotFoundError):
         good.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
@@ -56,24 +64,33 @@ def test_openai_client_errors_surface_as_openai_exceptions(live_server_factory) 
 
 @pytest.mark.slow
 @pytest.mark.broker
-def test_real_model_chats_and_its_rating_lands_on_the_broker(live_server_factory, broker, consume_all) -> None:  # noqa: ANN001
+def test_real_model_chats_and_its_rating_lands_on_the_broker(
+    live_server_factory, broker, consume_all
+) -> None:  # noqa: ANN001
     """The embedded SmolLM2 answers sensibly and a thumb arrives on Kafka with aligned tokens."""
     from tests.conftest import USER_CACHE
 
     server = live_server_factory(model="embedded", cache_dir=USER_CACHE, max_context=2048)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     completion = client.chat.completions.create(
-        model="thumbtune", messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24, temperature=0,
+        model="thumbtune",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
     )
     assert "Paris" in completion.choices[0].message.content
     import httpx
 
-    assert httpx.post(f"{server.url}/v1/feedback",
-                      json={"response_id": completion.id, "thumb": "up"}).status_code == 202
+    assert (
+        httpx.post(
+            f"{server.url}/v1/feedback", json={"response_id": completion.id, "thumb": "up"}
+        ).status_code
+        == 202
+    )
     records = consume_all(broker.bootstrap, FEEDBACK_TOPIC, expected=None, timeout=10)
-    (event,) = [e for e in map(lambda r: FeedbackEvent.from_bytes(r.value), records)
-                if e.response_id == completion.id]
+    (event,) = [
+        e for e in map(lambda r: FeedbackEvent.from_bytes(r.value), records) if e.response_id == completion.id
+    ]
     assert event.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert len(event.response_token_ids) == completion.usage.completion_tokens
     assert event.response_token_ids[-1] == 2  # <|im_end|>: stopping is part of what the learner sees

@@ -36,7 +36,9 @@ def counter(c: object) -> float:
 
 
 def test_published_events_arrive_in_order_with_their_keys(
-    broker: EmbeddedBroker, consume_all: ConsumeAll, tmp_path: Path  # noqa: F811
+    broker: EmbeddedBroker,
+    consume_all: ConsumeAll,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     topic = fresh_topic(broker.bootstrap)
     published_before = counter(metrics.EVENTS_PUBLISHED)
@@ -55,7 +57,8 @@ def test_published_events_arrive_in_order_with_their_keys(
 
 
 def test_events_wait_while_the_broker_is_down_then_arrive_once_in_order(
-    consume_all: ConsumeAll, tmp_path: Path  # noqa: F811
+    consume_all: ConsumeAll,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
@@ -77,7 +80,8 @@ def test_events_wait_while_the_broker_is_down_then_arrive_once_in_order(
 
 
 def test_a_restarted_broker_that_forgot_everything_is_published_to_again(
-    consume_all: ConsumeAll, tmp_path: Path  # noqa: F811
+    consume_all: ConsumeAll,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     """In-memory Tansu forgets producer ids on restart; the publisher must replace its producer."""
     port = free_port()
@@ -112,7 +116,8 @@ def test_full_spool_refuses_with_spool_full(tmp_path: Path) -> None:
 
 
 def test_spooled_events_survive_closing_and_reopening(
-    consume_all: ConsumeAll, tmp_path: Path  # noqa: F811
+    consume_all: ConsumeAll,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     port = free_port()
     settings = make_settings(tmp_path, f"127.0.0.1:{port}")
@@ -136,7 +141,9 @@ def test_spooled_events_survive_closing_and_reopening(
 
 
 def test_concurrent_publishers_lose_nothing(
-    broker: EmbeddedBroker, consume_all: ConsumeAll, tmp_path: Path  # noqa: F811
+    broker: EmbeddedBroker,
+    consume_all: ConsumeAll,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     topic = fresh_topic(broker.bootstrap)
     threads, per_thread = 8, 100

@@ -35,13 +35,24 @@ def processes_with(marker: str) -> list[int]:
 def test_up_serves_and_stops_everything_on_sigterm(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
     marker = f"THUMBTUNE_TEST_MARKER={uuid.uuid4().hex}"
     broker_port, port = free_port(), free_port()
-    env = dict(os.environ, THUMBTUNE_MODEL=str(tiny_model_dir), THUMBTUNE_CACHE_DIR=str(tmp_path),
-               THUMBTUNE_BROKER_PORT=str(broker_port), THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{broker_port}",
-               THUMBTUNE_PORT=str(port), THUMBTUNE_MAX_CONTEXT="512",
-               THUMBTUNE_LEARNER_METRICS_PORT=str(free_port()))
+    env = dict(
+        os.environ,
+        THUMBTUNE_MODEL=str(tiny_model_dir),
+        THUMBTUNE_CACHE_DIR=str(tmp_path),
+        THUMBTUNE_BROKER_PORT=str(broker_port),
+        THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{broker_port}",
+        THUMBTUNE_PORT=str(port),
+        THUMBTUNE_MAX_CONTEXT="512",
+        THUMBTUNE_LEARNER_METRICS_PORT=str(free_port()),
+    )
     env[marker.split("=")[0]] = marker.split("=")[1]
-    proc = subprocess.Popen([sys.executable, "-m", "thumbtune.cli", "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thumbtune.cli", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 120
@@ -53,8 +64,11 @@ def test_up_serves_and_stops_everything_on_sigterm(tiny_model_dir, tmp_path) -> 
             if "is ready" in line:
                 break
         assert any("is ready" in line for line in lines), "".join(lines)
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
-                          json={"model": "thumbtune", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        resp = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            timeout=30,
+            json={"model": "thumbtune", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        )
         assert resp.status_code == 200
         assert len(processes_with(marker)) >= 4  # up, broker (+ tansu), server, learner
         proc.send_signal(signal.SIGTERM)

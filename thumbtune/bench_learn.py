@@ -55,15 +55,15 @@ LORA_TARGETS = ("q_proj", "v_proj")
 CONTENDERS = ("floor", "ours", "trl")
 DESCRIPTIONS = {
     "floor": "no grad: 4 minibatches of 16 with the adapter on (pi_old) + 4 with it off (pi_ref); then 4 "
-             "epochs x 4 minibatches of forward+backward, loss = -mean response log-prob, log-probs the "
-             "learner's way (LM head on response positions only) via one cross-entropy; no value head, KL or "
-             "optimizer step",
-    "ours": "learner.update.ppo_update: pi_old (+ values, entropy, tempered log-probs) and pi_ref over all "
-            "64, KL-penalised rewards, GAE, importance weights, 16 steps of clipped policy + value loss, "
-            "AdamW",
+    "epochs x 4 minibatches of forward+backward, loss = -mean response log-prob, log-probs the "
+    "learner's way (LM head on response positions only) via one cross-entropy; no value head, KL or "
+    "optimizer step",
+    "ours": "learner.update.ppo_update: no grad, pi_old (+ values, entropy, tempered log-probs) and pi_ref; "
+    "KL-penalised rewards, GAE, importance weights; 16 steps of clipped policy + value loss, AdamW "
+    "(on CPU no pass holds over 1024 padded tokens: chunked no-grad passes, minibatches as 2 x 8)",
     "trl": "trl GRPOTrainer: rollout_func replays the answers, fixed +1/-1 rewards in groups of 2, "
-           "scale_rewards=none, num_iterations=4, beta=0.05 (pi_ref pass), 16 steps; timed "
-           "on_train_begin..on_train_end",
+    "scale_rewards=none, num_iterations=4, beta=0.05 (pi_ref pass), 16 steps; timed "
+    "on_train_begin..on_train_end",
 }
 TARGETS = {"vs_trl": 1.3, "vs_floor": 0.75, "rss_gib": 3.0}
 WORKER_TIMEOUT_S = 1200
@@ -71,8 +71,9 @@ WORKER_TIMEOUT_S = 1200
 
 def bench_settings(settings: Settings) -> Settings:
     """The configured model, cache and threads with the comparison's LoRA shape (r = 8 on q_proj, v_proj)."""
-    return settings.model_copy(update={"lora_r": 8, "lora_alpha": 16,
-                                       "lora_target_modules": list(LORA_TARGETS)})
+    return settings.model_copy(
+        update={"lora_r": 8, "lora_alpha": 16, "lora_target_modules": list(LORA_TARGETS)}
+    )
 
 
 # --- inside a worker process -------------------------------------------------------------------------------
@@ -126,25 +127,40 @@ def make_events(settings: Settings, path: Path) -> dict:
 
     base = _load(settings)
     tok = base.tokenizer
-    conversations = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
-                     for text in PROMPTS[: N_EVENTS // 2]]
-    prompts = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
-               for m in conversations]
+    conversations = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+        for text in PROMPTS[: N_EVENTS // 2]
+    ]
+    prompts = [
+        list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for m in conversations
+    ]
     started = time.perf_counter()
-    answers, logprobs = _sample(base.model, [p for p in prompts for _ in range(2)], tok.pad_token_id,
-                                tok.eos_token_id)
+    answers, logprobs = _sample(
+        base.model, [p for p in prompts for _ in range(2)], tok.pad_token_id, tok.eos_token_id
+    )
     lines = []
     for i, (answer, lps) in enumerate(zip(answers, logprobs, strict=True)):
         k, reward = i // 2, 1.0 if i % 2 == 0 else -1.0
         event = FeedbackEvent(
-            event_id=f"bench-learn-{i:03d}", response_id=f"resp-{i:03d}", completion_id=f"chatcmpl-{k:03d}",
-            api_key_id=None, answered_at=1.0, rated_at=2.0, base_model=base.model_id,
-            base_fingerprint=base.fingerprint, adapter_version="v0",
-            messages=[Message(**m) for m in conversations[k]], prompt_token_ids=prompts[k],
-            response_token_ids=answer, behaviour_logprobs=lps,
+            event_id=f"bench-learn-{i:03d}",
+            response_id=f"resp-{i:03d}",
+            completion_id=f"chatcmpl-{k:03d}",
+            api_key_id=None,
+            answered_at=1.0,
+            rated_at=2.0,
+            base_model=base.model_id,
+            base_fingerprint=base.fingerprint,
+            adapter_version="v0",
+            messages=[Message(**m) for m in conversations[k]],
+            prompt_token_ids=prompts[k],
+            response_token_ids=answer,
+            behaviour_logprobs=lps,
             sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS),
-            finish_reason="stop" if answer[-1] == tok.eos_token_id else "length", kind=FeedbackKind.thumb,
-            value="up" if reward > 0 else "down", reward=reward,
+            finish_reason="stop" if answer[-1] == tok.eos_token_id else "length",
+            kind=FeedbackKind.thumb,
+            value="up" if reward > 0 else "down",
+            reward=reward,
         )
         lines.append(event.model_dump_json())
     path.write_text("\n".join(lines) + "\n")
@@ -161,9 +177,19 @@ def _sample(model, prompts: list[list[int]], pad: int, eos: int) -> tuple[list[l
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     torch.manual_seed(SEED)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=MAX_TOKENS, pad_token_id=pad,
-                             eos_token_id=eos, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=MAX_TOKENS,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     tokens = out.sequences[:, width:]
     logp = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     answers, logprobs = [], []
@@ -241,8 +267,11 @@ def run_ours(base, events: list, settings: Settings) -> dict:
     state = LearnerState.create(policy, cfg, learner.weight_decay, seed=learner.seed)
     window = Window()
     diagnostics = ppo_update(policy, Batch.from_events(events, base.tokenizer.pad_token_id), state, cfg)
-    return window.stop() | {"steps": int(diagnostics["epochs"]) * -(-len(events) // MINIBATCH),
-                            "diagnostics": finite(diagnostics), "config": vars(cfg)}
+    return window.stop() | {
+        "steps": int(diagnostics["epochs"]) * -(-len(events) // MINIBATCH),
+        "diagnostics": finite(diagnostics),
+        "config": vars(cfg),
+    }
 
 
 def worker(contender: str, events_path: Path) -> dict:
@@ -259,10 +288,13 @@ def worker(contender: str, events_path: Path) -> dict:
         from thumbtune.bench_learn_trl import run_trl
 
         result = run_trl(base, events, settings, epochs=EPOCHS, minibatch=MINIBATCH, max_tokens=MAX_TOKENS)
-    return result | {"contender": contender, "rss_peak_bytes": _peak_rss(),
-                     "threads": __import__("torch").get_num_threads(),
-                     "event_epochs_per_s": len(events) * EPOCHS / result["update_s"],
-                     "event_epochs_per_cpu_s": len(events) * EPOCHS / result["cpu_s"]}
+    return result | {
+        "contender": contender,
+        "rss_peak_bytes": _peak_rss(),
+        "threads": __import__("torch").get_num_threads(),
+        "event_epochs_per_s": len(events) * EPOCHS / result["update_s"],
+        "event_epochs_per_cpu_s": len(events) * EPOCHS / result["cpu_s"],
+    }
 
 
 # --- the parent: subprocesses, table, targets --------------------------------------------------------------
@@ -271,8 +303,9 @@ def worker(contender: str, events_path: Path) -> dict:
 def _spawn(args: list[str]) -> dict:
     argv = [sys.executable, "-m", "thumbtune.bench_learn", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
-                          check=False)
+    proc = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, check=False
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
@@ -289,24 +322,31 @@ def run(settings: Settings, out: Path | None = None, repeats: int = 3, with_trl:
     runs: dict[str, list[dict]] = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory(prefix="thumbtune-bench-learn-") as tmp:
         events_path = Path(tmp) / "events.jsonl"
-        console.print(f"[bold]events[/]: sampling {N_EVENTS} answers (<= {MAX_TOKENS} tokens) from "
-                      f"THUMBTUNE_MODEL={settings.model!r} ...")
+        console.print(
+            f"[bold]events[/]: sampling {N_EVENTS} answers (<= {MAX_TOKENS} tokens) from "
+            f"THUMBTUNE_MODEL={settings.model!r} ..."
+        )
         info = _spawn(["events", "--out", str(events_path)])
         events = [json.loads(line) for line in events_path.read_text().splitlines()]
         p, a = ([len(e[k]) for e in events] for k in ("prompt_token_ids", "response_token_ids"))
-        info |= {"events": len(events), "answer_tokens_total": sum(a),
-                 "prompt_tokens": {"min": min(p), "mean": statistics.mean(p), "max": max(p)},
-                 "answer_tokens": {"min": min(a), "mean": statistics.mean(a), "max": max(a)},
-                 "stopped_at_eos": sum(e["finish_reason"] == "stop" for e in events)}
+        info |= {
+            "events": len(events),
+            "answer_tokens_total": sum(a),
+            "prompt_tokens": {"min": min(p), "mean": statistics.mean(p), "max": max(p)},
+            "answer_tokens": {"min": min(a), "mean": statistics.mean(a), "max": max(a)},
+            "stopped_at_eos": sum(e["finish_reason"] == "stop" for e in events),
+        }
         for r in range(repeats):
-            order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+            order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for contender in order:
                 res = _spawn(["worker", contender, "--events", str(events_path)])
                 runs[contender].append(res)
-                console.print(f"  run {r + 1}/{repeats} {contender:>5}: {res['update_s']:6.1f} s "
-                              f"(CPU {res['cpu_s']:.0f} s) = {res['event_epochs_per_s']:.2f} event-epochs/s, "
-                              f"peak RSS {res['rss_peak_bytes'] / 2**30:.2f} GiB, other processes "
-                              f"{res['other_cores']:.2f} cores")
+                console.print(
+                    f"  run {r + 1}/{repeats} {contender:>5}: {res['update_s']:6.1f} s "
+                    f"(CPU {res['cpu_s']:.0f} s) = {res['event_epochs_per_s']:.2f} event-epochs/s, "
+                    f"peak RSS {res['rss_peak_bytes'] / 2**30:.2f} GiB, other processes "
+                    f"{res['other_cores']:.2f} cores"
+                )
     result = report(console, runs, info, have_trl, with_trl, repeats, time.perf_counter() - started)
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
@@ -314,51 +354,91 @@ def run(settings: Settings, out: Path | None = None, repeats: int = 3, with_trl:
     return result
 
 
-def report(console, runs: dict[str, list[dict]], info: dict, have_trl: bool, asked_trl: bool,
-           repeats: int, elapsed: float) -> dict:
+def report(
+    console,
+    runs: dict[str, list[dict]],
+    info: dict,
+    have_trl: bool,
+    asked_trl: bool,
+    repeats: int,
+    elapsed: float,
+) -> dict:
     from rich.table import Table
 
     def median(c: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[c])
 
-    med = {c: {k: median(c, k) for k in ("event_epochs_per_s", "event_epochs_per_cpu_s", "update_s", "cpu_s")}
-           | {"rss_peak_bytes": max(r["rss_peak_bytes"] for r in runs[c])} for c in runs}
-    table = Table(title=f"thumbtune bench learn: {info['events']} events x {EPOCHS} epochs, minibatch "
-                        f"{MINIBATCH}, LoRA r=8 on {','.join(LORA_TARGETS)}, CPU, "
-                        f"{runs['ours'][0]['threads']} torch threads; medians of {repeats} runs")
-    for col in ("contender", "update s, each run", "median s", "event-epochs/s", "per CPU-s", "peak RSS GiB",
-                "other CPU, each run"):
+    med = {
+        c: {k: median(c, k) for k in ("event_epochs_per_s", "event_epochs_per_cpu_s", "update_s", "cpu_s")}
+        | {"rss_peak_bytes": max(r["rss_peak_bytes"] for r in runs[c])}
+        for c in runs
+    }
+    table = Table(
+        title=f"thumbtune bench learn: {info['events']} events x {EPOCHS} epochs, minibatch "
+        f"{MINIBATCH}, LoRA r=8 on {','.join(LORA_TARGETS)}, CPU, "
+        f"{runs['ours'][0]['threads']} torch threads; medians of {repeats} runs"
+    )
+    for col in (
+        "contender",
+        "update s, each run",
+        "median s",
+        "event-epochs/s",
+        "per CPU-s",
+        "peak RSS GiB",
+        "other CPU, each run",
+    ):
         table.add_column(col, justify="left" if col == "contender" else "right")
     for c, rs in runs.items():
-        table.add_row(c, " ".join(f"{r['update_s']:.1f}" for r in rs), f"{med[c]['update_s']:.1f}",
-                      f"{med[c]['event_epochs_per_s']:.2f}", f"{med[c]['event_epochs_per_cpu_s']:.2f}",
-                      f"{med[c]['rss_peak_bytes'] / 2**30:.2f}",
-                      " ".join(f"{r['other_cores']:.2f}" for r in rs))
+        table.add_row(
+            c,
+            " ".join(f"{r['update_s']:.1f}" for r in rs),
+            f"{med[c]['update_s']:.1f}",
+            f"{med[c]['event_epochs_per_s']:.2f}",
+            f"{med[c]['event_epochs_per_cpu_s']:.2f}",
+            f"{med[c]['rss_peak_bytes'] / 2**30:.2f}",
+            " ".join(f"{r['other_cores']:.2f}" for r in rs),
+        )
     console.print(table)
     for name, text in DESCRIPTIONS.items():
         console.print(f"  {name:>5}: {text}")
     pt, at = info["prompt_tokens"], info["answer_tokens"]
-    console.print(f"events: prompts {pt['min']}-{pt['max']} tokens (mean {pt['mean']:.1f}), answers "
-                  f"{at['min']}-{at['max']} (mean {at['mean']:.1f}, {info['stopped_at_eos']} stopped at "
-                  "EOS), +1/-1 per prompt pair; 'per CPU-s' = event-epochs per second of the process's own "
-                  "CPU time; peak RSS = the largest VmHWM of the contender's runs")
+    console.print(
+        f"events: prompts {pt['min']}-{pt['max']} tokens (mean {pt['mean']:.1f}), answers "
+        f"{at['min']}-{at['max']} (mean {at['mean']:.1f}, {info['stopped_at_eos']} stopped at "
+        "EOS), +1/-1 per prompt pair; 'per CPU-s' = event-epochs per second of the process's own "
+        "CPU time; peak RSS = the largest VmHWM of the contender's runs"
+    )
     noisy = max(r["other_cores"] for rs in runs.values() for r in rs)
     if noisy > 0.15:
-        console.print(f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
-                      f"{os.cpu_count()} cores busy during some runs (column 'other CPU'): those figures are "
-                      "noisy; rerun when idle")
+        console.print(
+            f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
+            f"{os.cpu_count()} cores busy during some runs (column 'other CPU'): those figures are "
+            "noisy; rerun when idle"
+        )
 
     ours = med["ours"]["event_epochs_per_s"]
     vs_floor = ours / med["floor"]["event_epochs_per_s"]
     vs_trl = ours / med["trl"]["event_epochs_per_s"] if have_trl else None
     rss_gib = med["ours"]["rss_peak_bytes"] / 2**30
     checks = [
-        ("ours / TRL GRPOTrainer, event-epochs/s", f"{vs_trl:.2f}x" if vs_trl else "not run",
-         f">= {TARGETS['vs_trl']}x", None if vs_trl is None else vs_trl >= TARGETS["vs_trl"]),
-        ("ours / floor, event-epochs/s", f"{vs_floor:.0%}", f">= {TARGETS['vs_floor']:.0%}",
-         vs_floor >= TARGETS["vs_floor"]),
-        ("ours peak RSS (VmHWM)", f"{rss_gib:.2f} GiB", f"<= {TARGETS['rss_gib']:.0f} GiB",
-         rss_gib <= TARGETS["rss_gib"]),
+        (
+            "ours / TRL GRPOTrainer, event-epochs/s",
+            f"{vs_trl:.2f}x" if vs_trl else "not run",
+            f">= {TARGETS['vs_trl']}x",
+            None if vs_trl is None else vs_trl >= TARGETS["vs_trl"],
+        ),
+        (
+            "ours / floor, event-epochs/s",
+            f"{vs_floor:.0%}",
+            f">= {TARGETS['vs_floor']:.0%}",
+            vs_floor >= TARGETS["vs_floor"],
+        ),
+        (
+            "ours peak RSS (VmHWM)",
+            f"{rss_gib:.2f} GiB",
+            f"<= {TARGETS['rss_gib']:.0f} GiB",
+            rss_gib <= TARGETS["rss_gib"],
+        ),
     ]
     targets = Table(title="targets")
     for col in ("check", "measured", "target", ""):
@@ -371,11 +451,19 @@ def report(console, runs: dict[str, list[dict]], info: dict, have_trl: bool, ask
         why = "trl is not installed (pip install 'thumbtune[bench]')" if asked_trl else "--no-trl"
         console.print(f"TRL not measured: {why}")
     console.print(f"whole bench {elapsed:.0f} s (events sampled in {info['sample_s']:.0f} s)")
-    return {"events": info, "epochs": EPOCHS, "minibatch": MINIBATCH, "repeats": repeats,
-            "elapsed_s": elapsed,
-            "lora": {"r": 8, "alpha": 16, "target_modules": list(LORA_TARGETS)}, "contenders": DESCRIPTIONS,
-            "runs": runs, "medians": med, "ratios": {"ours_vs_trl": vs_trl, "ours_vs_floor": vs_floor},
-            "targets": {name: {"measured": m, "target": t, "pass": ok} for name, m, t, ok in checks}}
+    return {
+        "events": info,
+        "epochs": EPOCHS,
+        "minibatch": MINIBATCH,
+        "repeats": repeats,
+        "elapsed_s": elapsed,
+        "lora": {"r": 8, "alpha": 16, "target_modules": list(LORA_TARGETS)},
+        "contenders": DESCRIPTIONS,
+        "runs": runs,
+        "medians": med,
+        "ratios": {"ours_vs_trl": vs_trl, "ours_vs_floor": vs_floor},
+        "targets": {name: {"measured": m, "target": t, "pass": ok} for name, m, t, ok in checks},
+    }
 
 
 def main() -> None:

@@ -60,8 +60,12 @@ def run_trl(base, events: list, settings: Settings, *, epochs: int, minibatch: i
             completion_ids.append(list(events[i].response_token_ids))
             logprobs.append(list(events[i].behaviour_logprobs))
             index.append(i)
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs,
-                "event_index": index}
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": logprobs,
+            "event_index": index,
+        }
 
     def fixed_reward(prompts: list, completions: list, event_index: list[int], **_: object) -> list[float]:
         return [events[i].reward for i in event_index]
@@ -79,31 +83,67 @@ def run_trl(base, events: list, settings: Settings, *, epochs: int, minibatch: i
     steps_per_generation = n // minibatch
     with tempfile.TemporaryDirectory(prefix="thumbtune-bench-trl-") as tmp:
         config = GRPOConfig(
-            output_dir=tmp, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-            per_device_train_batch_size=minibatch, gradient_accumulation_steps=1,
-            steps_per_generation=steps_per_generation, num_generations=2, num_iterations=epochs,
-            max_steps=epochs * steps_per_generation, max_completion_length=max_tokens, temperature=1.0,
-            beta=BETA, epsilon=0.2, scale_rewards="none", loss_type="bnpo", learning_rate=1e-4,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            report_to="none", save_strategy="no", logging_steps=10_000, log_completions=False,
-            dataloader_num_workers=0, seed=0, disable_dropout=True,
+            output_dir=tmp,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            per_device_train_batch_size=minibatch,
+            gradient_accumulation_steps=1,
+            steps_per_generation=steps_per_generation,
+            num_generations=2,
+            num_iterations=epochs,
+            max_steps=epochs * steps_per_generation,
+            max_completion_length=max_tokens,
+            temperature=1.0,
+            beta=BETA,
+            epsilon=0.2,
+            scale_rewards="none",
+            loss_type="bnpo",
+            learning_rate=1e-4,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10_000,
+            log_completions=False,
+            dataloader_num_workers=0,
+            seed=0,
+            disable_dropout=True,
         )
         clock = Clock()
         torch.manual_seed(0)
         trainer = GRPOTrainer(
-            model=base.model, reward_funcs=fixed_reward, args=config, processing_class=base.tokenizer,
-            train_dataset=Dataset.from_dict({"prompt": keys}), peft_config=lora_config(settings),
-            rollout_func=rollout, callbacks=[clock],
+            model=base.model,
+            reward_funcs=fixed_reward,
+            args=config,
+            processing_class=base.tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": keys}),
+            peft_config=lora_config(settings),
+            rollout_func=rollout,
+            callbacks=[clock],
         )
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
     replayed = sum(handed_out.values())
     if replayed != n or trainer.state.global_step != epochs * steps_per_generation:
-        raise RuntimeError(f"TRL replayed {replayed} answers and took {trainer.state.global_step} steps; "
-                           f"expected {n} and {epochs * steps_per_generation}")
-    return clock.timed | {"train_call_s": train_s, "steps": trainer.state.global_step,
-            "trl_version": __import__("trl").__version__,
-            "config": {"beta": BETA, "num_generations": 2, "num_iterations": epochs, "loss_type": "bnpo",
-                       "steps_per_generation": steps_per_generation,
-                       "per_device_train_batch_size": minibatch}}
+        raise RuntimeError(
+            f"TRL replayed {replayed} answers and took {trainer.state.global_step} steps; "
+            f"expected {n} and {epochs * steps_per_generation}"
+        )
+    return clock.timed | {
+        "train_call_s": train_s,
+        "steps": trainer.state.global_step,
+        "trl_version": __import__("trl").__version__,
+        "config": {
+            "beta": BETA,
+            "num_generations": 2,
+            "num_iterations": epochs,
+            "loss_type": "bnpo",
+            "steps_per_generation": steps_per_generation,
+            "per_device_train_batch_size": minibatch,
+        },
+    }

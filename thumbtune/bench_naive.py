@@ -40,8 +40,9 @@ PROMPTS = [
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt as the thumbtune server encodes it (service.runtime.Runtime.encode_chat)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     return list(ids)
 
 
@@ -81,24 +82,39 @@ def serve(port: int) -> None:
         max_tokens = int(body.get("max_tokens") or 256)
 
         def generate() -> tuple[list[int], list[int]]:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=False)
+            ids = tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
             input_ids = torch.tensor([list(ids)], dtype=torch.long)
             with torch.inference_mode():
-                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                     max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
-            return list(ids), out[0, input_ids.shape[1]:].tolist()
+                out = model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    do_sample=False,
+                    max_new_tokens=max_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
+            return list(ids), out[0, input_ids.shape[1] :].tolist()
 
         prompt, completion = await asyncio.get_running_loop().run_in_executor(worker, generate)
         text = tok.decode(completion, skip_special_tokens=True)
         finish = "stop" if completion and completion[-1] == tok.eos_token_id else "length"
-        return JSONResponse({
-            "id": "naive", "object": "chat.completion", "created": int(time.time()), "model": "naive",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(completion),
-                      "total_tokens": len(prompt) + len(completion)},
-        })
+        return JSONResponse(
+            {
+                "id": "naive",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": "naive",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                ],
+                "usage": {
+                    "prompt_tokens": len(prompt),
+                    "completion_tokens": len(completion),
+                    "total_tokens": len(prompt) + len(completion),
+                },
+            }
+        )
 
     # Plain Starlette routes: FastAPI would try to resolve the string annotations of these closures.
     app.router.add_route("/readyz", readyz, methods=["GET"])
@@ -124,21 +140,32 @@ def ceiling(max_tokens: int, batches: list[int], repeats: int) -> dict:
         ids = torch.full((batch, width), pad, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         lengths = mask.sum(-1, keepdim=True)
         with torch.inference_mode():
             t0 = time.perf_counter()
             cache = DynamicCache()
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             t1 = time.perf_counter()
             for step in range(steps - 1):  # the prefill gave token 1 of `steps`
                 mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
-                out = model(input_ids=nxt, attention_mask=mask, position_ids=lengths + step,
-                            past_key_values=cache, use_cache=True)
+                out = model(
+                    input_ids=nxt,
+                    attention_mask=mask,
+                    position_ids=lengths + step,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1
@@ -149,7 +176,10 @@ def ceiling(max_tokens: int, batches: list[int], repeats: int) -> dict:
         best = min((one_run(batch, max_tokens) for _ in range(repeats)), key=sum)
         prefill_s, decode_s = best
         results[str(batch)] = {
-            "batch": batch, "steps": max_tokens, "prefill_s": prefill_s, "decode_s": decode_s,
+            "batch": batch,
+            "steps": max_tokens,
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
             "tok_s": batch * max_tokens / (prefill_s + decode_s),
             "decode_only_tok_s": batch * (max_tokens - 1) / decode_s if max_tokens > 1 else None,
         }

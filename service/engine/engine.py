@@ -241,12 +241,16 @@ class Engine:
         ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, seq in enumerate(seqs):
-            ids[i, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
-            mask[i, width - len(seq.prompt_ids):] = 1
+            ids[i, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+            mask[i, width - len(seq.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(
-            seqs, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            seqs,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
             logits_to_keep=1,
         )
         metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in seqs))
@@ -308,7 +312,10 @@ class Engine:
         finish = None
         if token in self.eos_ids:
             finish = "stop"
-        elif len(seq.tokens) >= seq.params.max_tokens or len(seq.prompt_ids) + len(seq.tokens) >= self.max_context:
+        elif (
+            len(seq.tokens) >= seq.params.max_tokens
+            or len(seq.prompt_ids) + len(seq.tokens) >= self.max_context
+        ):
             finish = "length"
         delta, hit_stop = seq._detok.add(token, final=finish is not None)
         if hit_stop:

@@ -31,7 +31,7 @@ class Detokenizer:
             text = text[: len(text) - self._held_back(text)]
         if len(text) <= len(self.emitted):
             return "", hit is not None
-        delta = text[len(self.emitted):]
+        delta = text[len(self.emitted) :]
         self.emitted = text
         return delta, hit is not None
 

@@ -38,8 +38,11 @@ def _manager(request: Request) -> AdapterManager:
 def _describe(request: Request) -> dict:
     rt = request.app.state.runtime
     body = _manager(request).describe()
-    body |= {"base_model": rt.model_id, "base_fingerprint": rt.fingerprint,
-             "follower": rt.follower.state() if rt.follower is not None else None}
+    body |= {
+        "base_model": rt.model_id,
+        "base_fingerprint": rt.fingerprint,
+        "follower": rt.follower.state() if rt.follower is not None else None,
+    }
     return body
 
 
@@ -51,8 +54,9 @@ def _act(request: Request, action: Callable[[AdapterManager], object]) -> dict:
     except VersionConflict as exc:
         raise APIError(409, str(exc), code="version_refused") from exc
     except (EngineUnavailable, TimeoutError) as exc:
-        raise APIError(503, f"the engine could not load the version now: {exc}; try again",
-                       code="unavailable") from exc
+        raise APIError(
+            503, f"the engine could not load the version now: {exc}; try again", code="unavailable"
+        ) from exc
     return _describe(request)
 
 

@@ -23,6 +23,8 @@ async def chat_completions(
     headers = {ADAPTER_HEADER: prepared.adapter, "x-thumbtune-response-ids": ",".join(prepared.response_ids)}
     if body.stream:
         headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(service.stream(body, prepared), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            service.stream(body, prepared), media_type="text/event-stream", headers=headers
+        )
     completion = await service.complete(body, prepared)
     return JSONResponse(completion.model_dump(), headers=headers)

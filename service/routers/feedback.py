@@ -13,7 +13,9 @@ router = APIRouter()
 
 
 @router.post("/v1/feedback", response_model=FeedbackAccepted, status_code=202)
-def feedback(body: FeedbackRequest, request: Request, key_id: str | None = Depends(api_key_id)) -> JSONResponse:
+def feedback(
+    body: FeedbackRequest, request: Request, key_id: str | None = Depends(api_key_id)
+) -> JSONResponse:
     service: FeedbackService = request.app.state.feedback
     accepted, status = service.submit(body, key_id)
     return JSONResponse(accepted.model_dump(), status_code=status)

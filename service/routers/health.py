@@ -28,7 +28,9 @@ def readyz(request: Request) -> JSONResponse:
         "adapter_version": rt.adapters.live,
     }
     ready = checks["model"] and (checks["broker"] or checks["spool_has_room"])
-    return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503
+    )
 
 
 @router.get("/metrics")

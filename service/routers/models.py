@@ -18,7 +18,9 @@ def list_models(request: Request, _: str | None = Depends(api_key_id)) -> ModelL
     rt = request.app.state.runtime
     now = int(time.time())
     cards = [ModelCard(id="thumbtune", created=now, root=rt.model_id, adapter_version=rt.adapters.live)]
-    cards += [ModelCard(id=f"thumbtune@{v}", created=now, root=rt.model_id, adapter_version=v)
-              for v in rt.adapters.versions()]
+    cards += [
+        ModelCard(id=f"thumbtune@{v}", created=now, root=rt.model_id, adapter_version=v)
+        for v in rt.adapters.versions()
+    ]
     cards.append(ModelCard(id=BASE, created=now, root=rt.model_id, adapter_version=None))
     return ModelList(data=cards)
