@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from learner.config import LearnerSettings
-from learner.policy import ADAPTER_NAME, VALUE_HEAD_FILE, Policy, resolve_device
+from learner.policy import ADAPTER_NAME, VALUE_HEAD_FILE, Policy, resolve_device, resolve_precision
 from learner.store import AdapterStore
 from learner.update import LearnerState, finite
 from thumbtune.base_model import LoadedBase
@@ -84,10 +84,13 @@ def load_latest(
     their manifest: training on from the wrong weights would silently publish nonsense.
     """
     device = resolve_device(learner_settings.device)
+    precision = resolve_precision(learner_settings.precision, device)
     cfg = learner_settings.ppo_config()
     version = store.latest()
     if version is None:
-        policy = Policy.fresh(base.model, settings, device, seed=learner_settings.seed)
+        policy = Policy.fresh(
+            base.model, settings, device, seed=learner_settings.seed, autocast_dtype=precision
+        )
         log.info("adapter store %s is empty: training from the empty adapter v0", store)
         return policy, LearnerState.create(policy, cfg, learner_settings.weight_decay, learner_settings.seed)
 
@@ -102,7 +105,7 @@ def load_latest(
     if problems:
         raise RuntimeError(f"adapter {version} in {store} is damaged: {'; '.join(problems)}")
     directory = store.path(version)
-    policy = Policy.from_dir(base.model, directory, version, device, settings)
+    policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
     state = LearnerState.create(policy, cfg, learner_settings.weight_decay, learner_settings.seed)
     state_file = directory / LEARNER_STATE_FILE
     if state_file.is_file():

@@ -46,6 +46,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 matmuls natively, ~2x the float32 speed of
+    a PPO update on one core (docs/BENCHMARKS.md). Without them bf16 on CPU is emulated and slower."""
+    return torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the learner's forward passes: 'auto' -> bfloat16 on CUDA and on CPUs with
+    AMX, else None (float32); 'bfloat16' or 'float32' force it. Weights and optimizer stay float32."""
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name != "auto":
+        raise ValueError(f"precision must be 'auto', 'bfloat16' or 'float32', got {name!r}")
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast else None
+
+
 class ValueHead(nn.Module):
     """V(s_t) = w . h_t + b on the final hidden state h_t; zero-initialised, so V = 0 until trained.
 
@@ -145,26 +164,48 @@ class PolicyOutput(NamedTuple):
 class Policy:
     """A peft LoRA model over the base, its value head, and the version its weights currently are."""
 
-    def __init__(self, model: PeftModel, value_head: ValueHead, version: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: PeftModel,
+        value_head: ValueHead,
+        version: str,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model.to(device)
         self.value_head = value_head.to(device)
         self.version = version
         self.device = device
+        self.autocast_dtype = autocast_dtype
+        """Forward passes under torch.autocast to this dtype (None: float32); see `resolve_precision`."""
         self.model.eval()  # no dropout anywhere: at the start of an update pi_theta must equal pi_old
         self._hf = model.get_base_model()
         self.vocab_size = int(self._hf.get_output_embeddings().weight.shape[0])
 
     @classmethod
-    def fresh(cls, base_model: nn.Module, settings: Settings, device: torch.device, seed: int = 0) -> Policy:
+    def fresh(
+        cls,
+        base_model: nn.Module,
+        settings: Settings,
+        device: torch.device,
+        seed: int = 0,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> Policy:
         """A zero-initialised LoRA (outputs equal the base: this is v0) and a zero value head."""
         with torch.random.fork_rng():  # LoRA's A matrices are random (B = 0 keeps the output the base's)
             torch.manual_seed(seed)
             model = get_peft_model(base_model, lora_config(settings), adapter_name=ADAPTER_NAME)
-        return cls(model, ValueHead(base_model.config.hidden_size), BASE_VERSION, device)
+        return cls(model, ValueHead(base_model.config.hidden_size), BASE_VERSION, device, autocast_dtype)
 
     @classmethod
     def from_dir(
-        cls, base_model: nn.Module, directory: Path, version: str, device: torch.device, settings: Settings
+        cls,
+        base_model: nn.Module,
+        directory: Path,
+        version: str,
+        device: torch.device,
+        settings: Settings,
+        autocast_dtype: torch.dtype | None = None,
     ) -> Policy:
         """Resume from a stored version: its adapter (trainable) and value head."""
         model = PeftModel.from_pretrained(
@@ -173,7 +214,7 @@ class Policy:
         _warn_if_lora_differs(model.peft_config[ADAPTER_NAME], lora_config(settings), version)
         value_head = ValueHead(base_model.config.hidden_size)
         value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
-        return cls(model, value_head, version, device)
+        return cls(model, value_head, version, device, autocast_dtype)
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: the LoRA weights and the value head, in a fixed order."""
@@ -181,7 +222,8 @@ class Policy:
         return lora + list(self.value_head.parameters())
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        dtype = self.autocast_dtype or torch.bfloat16  # the dtype is ignored when disabled
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast_dtype is not None)
 
     def forward_batch(
         self,

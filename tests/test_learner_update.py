@@ -15,7 +15,7 @@ from peft import PeftModel
 from learner.checkpoint import load_latest, save_version
 from learner.config import LearnerSettings
 from learner.events import stale_reason
-from learner.policy import Batch, Policy
+from learner.policy import Batch, Policy, resolve_precision
 from learner.ppo import masked_mean
 from learner.store import LocalAdapterStore
 from learner.trainer import Learner
@@ -36,9 +36,11 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def fresh_policy(tiny_model_dir: Path, tmp_path: Path):
+def fresh_policy(tiny_model_dir: Path, tmp_path: Path, autocast_dtype: torch.dtype | None = None):
     base = tiny_base(tiny_model_dir, tmp_path, sharpen=SHARPEN)
-    return base, Policy.fresh(base.model, Settings(model=str(tiny_model_dir)), CPU)
+    return base, Policy.fresh(
+        base.model, Settings(model=str(tiny_model_dir)), CPU, autocast_dtype=autocast_dtype
+    )
 
 
 def response_positions(batch: Batch) -> torch.Tensor:
@@ -57,10 +59,20 @@ def full_logprobs(model, batch: Batch) -> torch.Tensor:
     return logits.float().log_softmax(-1)
 
 
+def test_precision_auto_picks_bfloat16_only_where_it_is_fast_and_refuses_unknown_names() -> None:
+    assert resolve_precision("float32", torch.device("cuda")) is None
+    assert resolve_precision("bfloat16", CPU) is torch.bfloat16
+    assert resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_precision("auto", CPU) is (torch.bfloat16 if torch.cpu._is_amx_tile_supported() else None)
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_precision("fp8", CPU)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_ppo_raises_the_rewarded_tokens_probability_while_kl_to_the_reference_stays_bounded(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, autocast_dtype: torch.dtype | None
 ) -> None:
-    base, policy = fresh_policy(tiny_model_dir, tmp_path)
+    base, policy = fresh_policy(tiny_model_dir, tmp_path, autocast_dtype)
     cfg = LearnerSettings(lr=1e-3).ppo_config()  # defaults otherwise: adaptive beta, early stop, 4 epochs
     state = LearnerState.create(policy, cfg)
     generator = torch.Generator().manual_seed(0)
@@ -88,7 +100,8 @@ def test_ppo_raises_the_rewarded_tokens_probability_while_kl_to_the_reference_st
         events = sample_events(policy, base, prompts, 16, 8, reward, generator)
         diagnostics = ppo_update(policy, Batch.from_events(events, base.tokenizer.pad_token_id), state, cfg)
         policy.version = f"v{step + 1}"
-        assert diagnostics["is_ess"] == pytest.approx(1.0)  # every batch was sampled by the policy itself
+        # every batch was sampled by the policy itself (in float32: bf16 autocast's rounding shows slightly)
+        assert diagnostics["is_ess"] == pytest.approx(1.0, abs=1e-6 if autocast_dtype is None else 1e-3)
     after = chosen_probability()
 
     assert after > 1.4 * before, f"p(chosen) went {before:.4f} -> {after:.4f}"
@@ -151,7 +164,7 @@ def test_a_saved_version_loads_with_peft_and_reproduces_the_learners_logprobs(
 ) -> None:
     base, policy = fresh_policy(tiny_model_dir, tmp_path)
     settings = Settings(model=str(tiny_model_dir))
-    learner_settings = LearnerSettings(lr=5e-3, seed=3)
+    learner_settings = LearnerSettings(lr=5e-3, seed=3, precision="float32")  # compared with float32 below
     cfg = learner_settings.ppo_config()
     state = LearnerState.create(policy, cfg)
     generator = torch.Generator().manual_seed(2)
