@@ -85,6 +85,7 @@ def load_latest(
     """
     device = resolve_device(learner_settings.device)
     precision = resolve_precision(learner_settings.precision, device)
+    log.info("training on %s in %s", device, f"{precision} autocast" if precision else "float32")
     cfg = learner_settings.ppo_config()
     version = store.latest()
     if version is None:
