@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -17,7 +19,7 @@ from thumbtune.broker import EmbeddedBroker, ensure_topics, free_port
 from thumbtune.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC
 from thumbtune.settings import Settings
 
-__all__ = ["ConsumeAll", "broker", "consume_all", "read_topic"]
+__all__ = ["ConsumeAll", "broker", "consume_all", "own_broker", "read_topic"]
 
 ConsumeAll = Callable[..., list[ConsumerRecord]]
 
@@ -60,6 +62,15 @@ def read_topic(bootstrap: str, topic: str, expected: int | None, timeout: float 
         return records
     finally:
         consumer.close()
+
+
+@contextmanager
+def own_broker(log_dir: Path, feedback_partitions: int = 1) -> Iterator[EmbeddedBroker]:
+    """A fresh broker of a test's own: empty thumbtune topics, no committed group offsets. For tests whose
+    consumer groups read a topic from the start (the session `broker` holds other tests' events)."""
+    with EmbeddedBroker(port=free_port(), log_file=log_dir / "tansu.log") as b:
+        ensure_topics(b.bootstrap, {FEEDBACK_TOPIC: feedback_partitions, ADAPTERS_TOPIC: 1})
+        yield b
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,10 @@ from learner.config import LearnerSettings
 from learner.store import LocalAdapterStore
 from learner.trainer import Learner
 from service.engine import adapters as adapters_module
+from tests.broker_fixtures import own_broker
 from tests.hot_swap_helpers import VersionWriter, reference_logprobs, wait_for
 from tests.learner_helpers import make_prompts, sample_events
-from thumbtune.broker import EmbeddedBroker, ensure_topics, free_port
-from thumbtune.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC
+from thumbtune.broker import EmbeddedBroker
 from thumbtune.settings import Settings
 
 pytestmark = pytest.mark.broker
@@ -42,9 +42,7 @@ def single_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    log_file = tmp_path_factory.mktemp("hot-swap-broker") / "tansu.log"
-    with EmbeddedBroker(port=free_port(), log_file=log_file) as broker:
-        ensure_topics(broker.bootstrap, {FEEDBACK_TOPIC: 1, ADAPTERS_TOPIC: 1})
+    with own_broker(tmp_path_factory.mktemp("hot-swap-broker")) as broker:
         yield broker
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from learner.store import LocalAdapterStore
-from tests.broker_fixtures import read_topic
+from tests.broker_fixtures import own_broker, read_topic
 from tests.test_learner_kafka import make_events, produce, records_of
-from thumbtune.broker import EmbeddedBroker, ensure_topics, free_port
-from thumbtune.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC, AdapterAnnouncement
+from thumbtune.broker import EmbeddedBroker
+from thumbtune.contract import ADAPTERS_TOPIC, AdapterAnnouncement
 
 pytestmark = pytest.mark.broker
 
@@ -35,8 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def kafka(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu.log") as broker:
-        ensure_topics(broker.bootstrap, {FEEDBACK_TOPIC: 3, ADAPTERS_TOPIC: 1})
+    with own_broker(tmp_path, feedback_partitions=3) as broker:
         yield broker
 
 

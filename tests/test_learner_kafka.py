@@ -21,9 +21,9 @@ from learner.consumer import KafkaLearner
 from learner.metrics import start_metrics_server
 from learner.policy import Policy
 from learner.store import LocalAdapterStore
-from tests.broker_fixtures import read_topic
+from tests.broker_fixtures import own_broker, read_topic
 from tests.learner_helpers import make_prompts, sample_events, tiny_base
-from thumbtune.broker import EmbeddedBroker, ensure_topics, free_port
+from thumbtune.broker import EmbeddedBroker, free_port
 from thumbtune.contract import (
     ADAPTERS_TOPIC,
     FEEDBACK_TOPIC,
@@ -47,9 +47,7 @@ def single_thread() -> Iterator[None]:
 
 @pytest.fixture
 def kafka(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    """A fresh broker with thumbtune's topics: empty topics, no committed group offsets."""
-    with EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu.log") as broker:
-        ensure_topics(broker.bootstrap, {FEEDBACK_TOPIC: 3, ADAPTERS_TOPIC: 1})
+    with own_broker(tmp_path, feedback_partitions=3) as broker:
         yield broker
 
 

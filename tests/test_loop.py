@@ -20,11 +20,11 @@ from learner.config import LearnerSettings
 from learner.consumer import KafkaLearner
 from learner.store import LocalAdapterStore
 from tests import loop_rules
-from tests.broker_fixtures import read_topic
+from tests.broker_fixtures import own_broker, read_topic
 from tests.hot_swap_helpers import wait_for
 from tests.learner_helpers import tiny_base
-from thumbtune.broker import EmbeddedBroker, ensure_topics, free_port
-from thumbtune.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC, FeedbackEvent
+from thumbtune.broker import EmbeddedBroker
+from thumbtune.contract import FEEDBACK_TOPIC, FeedbackEvent
 from thumbtune.rules import load_rule
 from thumbtune.simulate import Report, SimulationError, Simulator, load_prompts
 
@@ -38,9 +38,7 @@ TOKEN = "loop-admin"
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    log_file = tmp_path_factory.mktemp("loop-broker") / "tansu.log"
-    with EmbeddedBroker(port=free_port(), log_file=log_file) as broker:
-        ensure_topics(broker.bootstrap, {FEEDBACK_TOPIC: 1, ADAPTERS_TOPIC: 1})
+    with own_broker(tmp_path_factory.mktemp("loop-broker")) as broker:
         yield broker
 
 

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.broker_fixtures import own_broker
 from tests.deploy_helpers import (
     ALERTS,
     ROOT,
@@ -28,8 +29,7 @@ from tests.deploy_helpers import (
     dashboard_queries,
     debian_binary,
 )
-from thumbtune.broker import EmbeddedBroker, ensure_topics, free_port
-from thumbtune.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC
+from thumbtune.broker import EmbeddedBroker, free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.prometheus]
 
@@ -81,8 +81,7 @@ class Process:
 @pytest.fixture
 def kafka(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     """A broker of its own: a learner reads thumbtune.feedback from the start, other tests' events too."""
-    with EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu.log") as broker:
-        ensure_topics(broker.bootstrap, {FEEDBACK_TOPIC: 1, ADAPTERS_TOPIC: 1})
+    with own_broker(tmp_path) as broker:
         yield broker
 
 

@@ -52,7 +52,7 @@ PROMPTS = _SERVE_PROMPTS + [
 SYSTEM = "You are a helpful assistant. Answer briefly."
 N_EVENTS, EPOCHS, MINIBATCH, MAX_TOKENS, SEED = 64, 4, 16, 32, 1234
 LORA_TARGETS = ("q_proj", "v_proj")
-CONTENDERS = ("floor", "ours", "trl")
+CONTENDERS = ("floor", "ours", "ours-bf16", "trl")
 DESCRIPTIONS = {
     "floor": "no grad: 4 minibatches of 16 with the adapter on (pi_old) + 4 with it off (pi_ref); then 4 "
     "epochs x 4 minibatches of forward+backward, loss = -mean response log-prob, log-probs the "
@@ -61,6 +61,8 @@ DESCRIPTIONS = {
     "ours": "learner.update.ppo_update: no grad, pi_old (+ values, entropy, tempered log-probs) and pi_ref; "
     "KL-penalised rewards, GAE, importance weights; 16 steps of clipped policy + value loss, AdamW "
     "(on CPU no pass holds over 1024 padded tokens: chunked no-grad passes, minibatches as 2 x 8)",
+    "ours-bf16": "ours with THUMBTUNE_LEARNER_PRECISION=bfloat16 (torch.autocast on CPU; what 'auto' picks "
+    "on CPUs with AMX); only run where the CPU has AMX, else bf16 is emulated",
     "trl": "trl GRPOTrainer: rollout_func replays the answers, fixed +1/-1 rewards in groups of 2, "
     "scale_rewards=none, num_iterations=4, beta=0.05 (pi_ref pass), 16 steps; timed "
     "on_train_begin..on_train_end",
@@ -253,7 +255,7 @@ def run_floor(base, events: list, settings: Settings) -> dict:
     return window.stop() | {"steps": EPOCHS * len(minibatches)}
 
 
-def run_ours(base, events: list, settings: Settings) -> dict:
+def run_ours(base, events: list, settings: Settings, bf16: bool = False) -> dict:
     import torch
 
     from learner.config import LearnerSettings
@@ -263,7 +265,13 @@ def run_ours(base, events: list, settings: Settings) -> dict:
     learner = LearnerSettings(epochs=EPOCHS, minibatch_size=MINIBATCH, early_stop_kl=None, device="cpu")
     cfg = learner.ppo_config()
     _warm_up(base.model, Batch.from_events(events, base.tokenizer.pad_token_id))
-    policy = Policy.fresh(base.model, settings, torch.device("cpu"), seed=learner.seed)
+    policy = Policy.fresh(
+        base.model,
+        settings,
+        torch.device("cpu"),
+        seed=learner.seed,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+    )
     state = LearnerState.create(policy, cfg, learner.weight_decay, seed=learner.seed)
     window = Window()
     diagnostics = ppo_update(policy, Batch.from_events(events, base.tokenizer.pad_token_id), state, cfg)
@@ -282,8 +290,8 @@ def worker(contender: str, events_path: Path) -> dict:
     events = [FeedbackEvent.model_validate_json(line) for line in events_path.read_text().splitlines()]
     if contender == "floor":
         result = run_floor(base, events, settings)
-    elif contender == "ours":
-        result = run_ours(base, events, settings)
+    elif contender in ("ours", "ours-bf16"):
+        result = run_ours(base, events, settings, bf16=contender == "ours-bf16")
     else:
         from thumbtune.bench_learn_trl import run_trl
 
@@ -317,8 +325,11 @@ def run(settings: Settings, out: Path | None = None, repeats: int = 3, with_trl:
 
     console = Console() if sys.stdout.isatty() else Console(width=120)
     started = time.perf_counter()
+    from learner.policy import cpu_has_fast_bf16
+
     have_trl = with_trl and importlib.util.find_spec("trl") is not None
-    contenders = [c for c in CONTENDERS if c != "trl" or have_trl]
+    have_amx = cpu_has_fast_bf16()
+    contenders = [c for c in CONTENDERS if (c != "trl" or have_trl) and (c != "ours-bf16" or have_amx)]
     runs: dict[str, list[dict]] = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory(prefix="thumbtune-bench-learn-") as tmp:
         events_path = Path(tmp) / "events.jsonl"
@@ -447,6 +458,15 @@ def report(
         verdict = "[dim]n/a[/]" if ok is None else "[green]PASS[/]" if ok else "[red]MISS[/]"
         targets.add_row(name, measured, target, verdict)
     console.print(targets)
+    if "ours-bf16" in med:
+        bf16_speedup = med["ours-bf16"]["event_epochs_per_s"] / ours
+        console.print(
+            f"bf16 autocast (precision 'auto' on this AMX CPU): {bf16_speedup:.2f}x ours in float32, "
+            f"peak RSS {med['ours-bf16']['rss_peak_bytes'] / 2**30:.2f} GiB"
+        )
+    else:
+        bf16_speedup = None
+        console.print("ours-bf16 not run: this CPU has no AMX, so precision 'auto' trains in float32")
     if not have_trl:
         why = "trl is not installed (pip install 'thumbtune[bench]')" if asked_trl else "--no-trl"
         console.print(f"TRL not measured: {why}")
@@ -461,7 +481,7 @@ def report(
         "contenders": DESCRIPTIONS,
         "runs": runs,
         "medians": med,
-        "ratios": {"ours_vs_trl": vs_trl, "ours_vs_floor": vs_floor},
+        "ratios": {"ours_vs_trl": vs_trl, "ours_vs_floor": vs_floor, "bf16_vs_float32": bf16_speedup},
         "targets": {name: {"measured": m, "target": t, "pass": ok} for name, m, t, ok in checks},
     }
 
