@@ -53,8 +53,10 @@ class LearnerSettings(BaseSettings):
     lam: float = Field(
         0.95, ge=0, le=1, description="GAE lambda (gamma is fixed at 1: one score per response)."
     )
-    epochs: int = Field(4, ge=1, description="Passes over each batch (PPO's K).")
-    minibatch_size: int = Field(16, ge=1, description="Responses per gradient step.")
+    # 2 epochs of minibatches of 8: the 8 optimizer steps per 32 events that 4 x 16 took, at half the
+    # compute, so an update of the embedded model fits in ~50 s of one CPU core (docs/BENCHMARKS.md, run 4)
+    epochs: int = Field(2, ge=1, description="Passes over each batch (PPO's K).")
+    minibatch_size: int = Field(8, ge=1, description="Responses per gradient step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA weights and the value head.")
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW weight decay (pulls the adapter toward the base)."
