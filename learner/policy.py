@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 matmuls natively, ~2x the float32 speed of
+    """AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 matmuls natively, 1.3x the float32 speed of
     a PPO update on one core (docs/BENCHMARKS.md). Without them bf16 on CPU is emulated and slower."""
     return torch.cpu._is_amx_tile_supported()
 
