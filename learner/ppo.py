@@ -23,6 +23,9 @@ from torch import Tensor
 
 @dataclass
 class PPOConfig:
+    """The hyper-parameters of one update. The defaults are the product's (learner/config.py maps the
+    THUMBTUNE_LEARNER_* settings onto these; a test keeps the two equal), measured in docs/BENCHMARKS.md."""
+
     clip_eps: float = 0.2
     """epsilon of the clipped surrogate: the ratio pi_theta / pi_old is clipped to [1 - eps, 1 + eps]"""
     value_clip_eps: float = 0.2
@@ -37,19 +40,19 @@ class PPOConfig:
     """discount over response tokens; 1 because the only score arrives at the end"""
     lam: float = 0.95
     """lambda of GAE, the bias/variance trade-off of the advantage estimate"""
-    epochs: int = 4
+    epochs: int = 2
     """passes over each batch of events (PPO's K)"""
-    minibatch_size: int = 16
+    minibatch_size: int = 8
     """sequences per gradient step"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
-    lr: float = 1e-4
-    """Adam learning rate of the LoRA parameters (LoRA wants about 10x the full fine-tuning rate)"""
+    lr: float = 1e-3
+    """Adam learning rate of the LoRA parameters (at 1e-4 the embedded model learnt nothing in 160 ratings)"""
     target_kl_early_stop: float | None = 0.1
     """skip the remaining epochs once per-token approx-KL(pi_old || pi_theta) exceeds this; None: never"""
-    init_beta: float = 0.05
+    init_beta: float = 0.3
     """initial beta, the per-token KL penalty coefficient (reward units per nat)"""
-    target_kl: float = 6.0
+    target_kl: float = 2.0
     """target of the adaptive controller: KL(pi_old || pi_ref) in nats PER SEQUENCE (summed over tokens)"""
     kl_horizon: int = 10000
     """horizon of the adaptive controller in sequences: beta moves by at most ~20% per horizon"""

@@ -16,7 +16,7 @@ from learner.checkpoint import load_latest, save_version
 from learner.config import LearnerSettings
 from learner.events import stale_reason
 from learner.policy import Batch, Policy, resolve_precision
-from learner.ppo import masked_mean
+from learner.ppo import PPOConfig, masked_mean
 from learner.store import LocalAdapterStore
 from learner.trainer import Learner
 from learner.update import LearnerState, importance_weights, ppo_update
@@ -280,3 +280,8 @@ def test_staleness_counts_versions_and_base_is_v0(learner: Learner) -> None:
     served_by_base = event.model_copy(update={"adapter_version": "base"})
     assert learner.drop_stale([event, served_by_base]) == [served_by_base]  # the learner is at v0
     assert learner.skips.total == {"future_version": 1}
+
+
+def test_the_settings_defaults_are_the_ppo_math_defaults() -> None:
+    """learner/ppo.py documents its defaults as the product's: they must not drift from the settings."""
+    assert LearnerSettings().ppo_config() == PPOConfig()
