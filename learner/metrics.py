@@ -80,6 +80,7 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
     "approx_kl": ("approx_kl", "Approx-KL(pi_old || pi_theta) per token, mean over minibatches."),
     "kl_ref": ("kl_ref_nats", "KL(pi_old || pi_ref) per response (sum over tokens), batch mean."),
     "kl_ref_k3_per_token": ("kl_ref_k3_per_token_nats", "k3 estimate of KL(pi_old || pi_ref) per token."),
+    "kl_loss": ("kl_loss_nats", "Exact KL(pi_theta || pi_ref) per token in the loss (when kl_coef > 0)."),
     "beta": ("beta", "KL penalty coefficient used in the last update."),
     "beta_next": ("beta_next", "KL penalty coefficient for the next update."),
     "clipfrac": ("clip_fraction", "Fraction of tokens whose ratio was clipped."),

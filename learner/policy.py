@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from learner.ppo import entropy_from_logits, logprobs_from_logits
+from learner.ppo import _upcast, entropy_from_logits, logprobs_from_logits
 from service.engine.adapters import lora_config
 from thumbtune.contract import BASE_VERSION, FeedbackEvent
 from thumbtune.settings import Settings
@@ -159,6 +159,8 @@ class PolicyOutput(NamedTuple):
     """[B, T] entropy of pi(. | s_t) at temperature 1, when asked for"""
     tempered_logprobs: Tensor | None
     """[B, T] log_softmax(z_t / T_row)[a_t], comparable with the event's behaviour log-probs, on request"""
+    log_dist: Tensor | None = None
+    """[B, T, V] float32 log pi(. | s_t) over the whole vocabulary, on request (the exact KL loss term)"""
 
 
 class Policy:
@@ -232,6 +234,7 @@ class Policy:
         reference: bool = False,
         with_entropy: bool = False,
         tempered: bool = False,
+        with_log_dist: bool = False,
     ) -> PolicyOutput:
         """Log-probs of the served response tokens (and V, entropy, tempered log-probs on request).
 
@@ -262,7 +265,8 @@ class Policy:
         if tempered:
             temperatures = batch.temperatures.float().cpu()
             tempered_lp = logprobs_from_logits(logits, batch.response_ids, temperatures) * mask
-        return PolicyOutput(logprobs, values, entropy, tempered_lp)
+        log_dist = _upcast(logits).log_softmax(-1) if with_log_dist else None
+        return PolicyOutput(logprobs, values, entropy, tempered_lp, log_dist)
 
 
 def _warn_if_lora_differs(stored: LoraConfig, configured: LoraConfig, version: str) -> None:

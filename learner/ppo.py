@@ -38,8 +38,9 @@ class PPOConfig:
     """c_e, weight of the entropy bonus (0: no bonus, see the comment above)"""
     gamma: float = 1.0
     """discount over response tokens; 1 because the only score arrives at the end"""
-    lam: float = 0.95
-    """lambda of GAE, the bias/variance trade-off of the advantage estimate"""
+    lam: float = 1.0
+    """lambda of GAE, the bias/variance trade-off of the advantage estimate; 1 (as in OpenRLHF): the only
+    score arrives at the end, and with lambda < 1 the early tokens see it only through a young critic"""
     epochs: int = 2
     """passes over each batch of events (PPO's K)"""
     minibatch_size: int = 8
@@ -62,6 +63,8 @@ class PPOConfig:
     """truncation c of the importance weights pi_old / pi_b (IMPALA's rho-bar)"""
     reward_clip: float = 5.0
     """normalised scores are clipped to [-reward_clip, reward_clip]"""
+    kl_coef: float = 0.0
+    """c_kl, weight of the exact per-token KL(pi_theta || pi_ref) in the loss (0: the reward penalty alone)"""
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -257,6 +260,16 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float | Te
 
 
 # KL(p || q) estimated from samples x ~ p with r = log q(x) - log p(x): http://joschu.net/blog/kl-approx.html
+def exact_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) at each position, summed over the whole vocabulary: sum_v p_v (log p_v - log q_v), [...].
+
+    ``log_p`` and ``log_q`` are log-distributions [..., V]. Unlike k1-k3 this is no estimate from the
+    sampled token: at a visited state it is the divergence itself, and its gradient pulls every
+    token's probability back toward the reference, not only the one that was sampled.
+    """
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
     """k1 = -r: unbiased for KL(p || q), high variance, can be negative (http://joschu.net/blog/kl-approx.html)."""
     return logp - logq
@@ -383,11 +396,16 @@ def ppo_minibatch_loss(
     config: PPOConfig,
     is_weights: Tensor | None = None,
     entropy: Tensor | None = None,
+    kl_ref: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """loss = pg_loss + c_v * v_loss - c_e * entropy  (Schulman et al. 2017, eq. 9, negated to be minimised).
+    """loss = pg_loss + c_v * v_loss - c_e * entropy + c_kl * kl_loss  (Schulman et al. 2017, eq. 9,
+    negated to be minimised; the last term as in GRPO, Shao et al. 2024, with the exact per-token KL).
 
     ``entropy`` is the per-token `entropy_from_logits` of pi_theta, needed only when ent_coef > 0 (else
-    reported as nan). Returns the loss and diagnostics: policy_loss, value_loss, entropy, approx_kl, clipfrac.
+    reported as nan); ``kl_ref`` the per-token `exact_kl` of pi_theta to pi_ref, needed only when
+    kl_coef > 0. kl_loss = mean_t KL_t. The reward's -beta * k1 penalty reaches the policy only through
+    the noisy policy-gradient estimate; this term is the same divergence's direct gradient at the visited
+    states. Returns the loss and diagnostics: policy_loss, value_loss, entropy, kl_loss, approx_kl, clipfrac.
     """
     pg_loss, clipfrac, approx_kl = policy_loss(
         logprobs_new, logprobs_old, advantages, mask, config.clip_eps, is_weights
@@ -398,11 +416,18 @@ def ppo_minibatch_loss(
             f"ent_coef={config.ent_coef} needs the per-token entropy: pass entropy=entropy_from_logits(...)"
         )
     loss = pg_loss + config.vf_coef * v_loss
+    if kl_ref is None and config.kl_coef != 0:
+        raise ValueError(f"kl_coef={config.kl_coef} needs the per-token KL: pass kl_ref=exact_kl(...)")
+    if kl_ref is None:
+        kl_loss = torch.full_like(pg_loss, math.nan)
+    else:
+        kl_loss = masked_mean(kl_ref, mask)
+        loss = loss + config.kl_coef * kl_loss
     if entropy is None:
         entropy_loss = torch.full_like(pg_loss, math.nan)
     else:
         entropy_loss = masked_mean(entropy, mask)
         loss = loss - config.ent_coef * entropy_loss
-    diagnostics = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy_loss}
+    diagnostics = {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy_loss, "kl_loss": kl_loss}
     diagnostics |= {"approx_kl": approx_kl, "clipfrac": clipfrac}
     return loss, {name: value.item() for name, value in diagnostics.items()}

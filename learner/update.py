@@ -6,7 +6,8 @@
     3. r_t = -beta * (log pi_old - log pi_ref) + [t = last] * R~
     4. A, returns = GAE(r, V_old; gamma = 1, lambda);  A whitened over the batch
     5. w_t = min(c, pi_old(a_t) / pi_b(a_t))   (truncated importance weight, both at the event's T)
-    6. K epochs x minibatches of  loss = w * clipped surrogate + c_v * clipped value loss - c_e * H,
+    6. K epochs x minibatches of  loss = w * clipped surrogate + c_v * clipped value loss - c_e * H
+                                  + c_kl * exact KL(pi_theta || pi_ref) per token (off unless c_kl > 0),
        AdamW over the LoRA weights + value head, gradient-norm clipping; stop early once the epoch's
        approx-KL(pi_old || pi_theta) passes the threshold
     7. beta <- KL controller(mean over responses of sum_t (log pi_old - log pi_ref))
@@ -39,6 +40,7 @@ from learner.ppo import (
     PPOConfig,
     RunningMoments,
     effective_sample_size,
+    exact_kl,
     explained_variance,
     gae,
     kl_k3,
@@ -125,7 +127,10 @@ def forward_chunked(policy: Policy, batch: Batch, max_tokens: int | None, **kwar
     def joined(parts: list[Tensor | None]) -> Tensor | None:
         if parts[0] is None:
             return None
-        return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part in parts])
+        def padded(part: Tensor) -> Tensor:  # the T axis is dim 1: [B, T] or [B, T, V]
+            return torch.nn.functional.pad(part, (0, 0) * (part.dim() - 2) + (0, width - part.shape[1]))
+
+        return torch.cat([padded(part) for part in parts])
 
     return PolicyOutput(*(joined(list(parts)) for parts in zip(*chunks, strict=True)))
 
@@ -148,7 +153,9 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
     # 1. the starting policy, the reference, the critic
     with torch.no_grad():
         old = forward_chunked(policy, batch, max_tokens, with_values=True, with_entropy=True, tempered=True)
-        ref = forward_chunked(policy, batch, max_tokens, with_values=False, reference=True)
+        ref = forward_chunked(
+            policy, batch, max_tokens, with_values=False, reference=True, with_log_dist=cfg.kl_coef > 0
+        )
     old_logprobs, old_values = old.logprobs, old.values
 
     # 2-5. rewards, advantages, importance weights
@@ -164,6 +171,7 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
 
     # 6. epochs x minibatches
     params = policy.parameters()
+    kl_loss_name = ("kl_loss",) if cfg.kl_coef > 0 else ()
     stats: dict[str, list[float]] = defaultdict(list)
     epochs_run, early_stopped = 0, False
     for _ in range(cfg.epochs):
@@ -176,7 +184,10 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
             for part in row_chunks(batch, index, max_tokens):  # one part unless over the token budget
                 mb = batch.subset(part)
                 cols = slice(0, mb.mask.shape[1])
-                new = policy.forward_batch(mb, with_values=True, with_entropy=cfg.ent_coef > 0)
+                new = policy.forward_batch(
+                    mb, with_values=True, with_entropy=cfg.ent_coef > 0, with_log_dist=cfg.kl_coef > 0
+                )
+                kl_to_ref = None if new.log_dist is None else exact_kl(new.log_dist, ref.log_dist[part, cols])
                 loss, diag = ppo_minibatch_loss(
                     new.logprobs,
                     old_logprobs[part, cols],
@@ -188,10 +199,11 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
                     cfg,
                     is_weights=is_weights[part, cols],
                     entropy=new.entropy,
+                    kl_ref=kl_to_ref,
                 )
                 share = mb.mask.sum().item() / max(tokens, 1.0)  # token means: shares add up to 1 exactly
                 (loss * share).backward()
-                for name in ("policy_loss", "value_loss", "approx_kl", "clipfrac"):
+                for name in ("policy_loss", "value_loss", "approx_kl", "clipfrac", *kl_loss_name):
                     minibatch[name] += share * diag[name]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             state.optimizer.step()

@@ -130,6 +130,37 @@ def test_ppo_raises_the_rewarded_tokens_probability_while_kl_to_the_reference_st
     assert expected <= set(diagnostics)
 
 
+def test_the_exact_kl_term_keeps_the_policy_closer_to_the_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Same events, same seed: with kl_coef > 0 the updates end nearer pi_ref than with the reward penalty alone."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = make_prompts(2, 6, seed=1)
+    base, sampler = fresh_policy(tiny_model_dir, tmp_path / "sampler")
+    events = sample_events(sampler, base, prompts, 16, 8, lambda r: 0.0, generator)
+    counts = collections.Counter(t for e in events for t in set(e.response_token_ids))
+    chosen = counts.most_common(1)[0][0]
+    events = [e.model_copy(update={"reward": 1.0 if chosen in e.response_token_ids else -1.0}) for e in events]
+
+    def kl_after(kl_coef: float) -> tuple[float, dict[str, float]]:
+        base, policy = fresh_policy(tiny_model_dir, tmp_path / f"kl{kl_coef}")
+        cfg = LearnerSettings(lr=5e-3, early_stop_kl=None, kl_coef=kl_coef).ppo_config()
+        state = LearnerState.create(policy, cfg)
+        batch = Batch.from_events(events, base.tokenizer.pad_token_id)
+        for _ in range(3):
+            diagnostics = ppo_update(policy, batch, state, cfg)
+        logprobs = full_logprobs(policy.model, batch)
+        with torch.no_grad(), policy.model.disable_adapter():
+            ref_logprobs = full_logprobs(policy.model, batch)
+        kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+        positions = response_positions(batch)
+        return ((kl * positions).sum() / positions.sum()).item(), diagnostics
+
+    free, free_diagnostics = kl_after(0.0)
+    leashed, diagnostics = kl_after(5.0)
+    assert "kl_loss" not in free_diagnostics and diagnostics["kl_loss"] > 0
+    assert free > 0.01, "the updates did not move the policy: nothing to compare"
+    assert leashed < 0.7 * free, f"KL to the reference: {free:.4f} without the term, {leashed:.4f} with it"
+
+
 def test_importance_weights_are_one_on_policy_and_shrink_where_the_policy_moved_away(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

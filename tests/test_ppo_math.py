@@ -13,6 +13,7 @@ from learner.ppo import (
     RunningMoments,
     effective_sample_size,
     entropy_from_logits,
+    exact_kl,
     explained_variance,
     gae,
     kl_k1,
@@ -267,6 +268,32 @@ def test_entropy_from_logits_matches_the_categorical_entropy_across_chunks():
     torch.testing.assert_close(uniform, torch.full((1, 2), math.log(8)))
 
 
+def test_exact_kl_sums_over_the_vocabulary_at_each_position():
+    # position 0: p = (0.5, 0.5), q = (0.25, 0.75): 0.5 ln 2 + 0.5 ln(2/3) = 0.5 ln(4/3) = 0.143841
+    # position 1: p = q, so 0
+    log_p = t([[[0.5, 0.5], [0.9, 0.1]]]).log()
+    log_q = t([[[0.25, 0.75], [0.9, 0.1]]]).log()
+    torch.testing.assert_close(exact_kl(log_p, log_q), t([[0.5 * math.log(4 / 3), 0.0]]))
+    # KL(q || p) = 0.25 ln(0.5) + 0.75 ln(1.5) = 0.130812: not symmetric
+    torch.testing.assert_close(exact_kl(log_q, log_p)[0, 0], t(0.25 * math.log(0.5) + 0.75 * math.log(1.5)))
+
+
+def test_minibatch_loss_adds_the_exact_kl_term_weighted_by_kl_coef():
+    logprobs_new, logprobs_old = _policy_inputs()
+    values = torch.zeros(1, 6, dtype=D)
+    kl = t([[0.2, 0.4, 0.0, 0.6, 0.2, 9.0]])  # 9.0 sits on a masked position
+    without, _ = ppo_minibatch_loss(logprobs_new, logprobs_old, ADV, values, values, values, PG_MASK, PPOConfig())
+    config = PPOConfig(kl_coef=0.5)
+    loss, diagnostics = ppo_minibatch_loss(
+        logprobs_new, logprobs_old, ADV, values, values, values, PG_MASK, config, kl_ref=kl
+    )
+    # mean over the 5 valid tokens: (0.2 + 0.4 + 0 + 0.6 + 0.2) / 5 = 0.28; loss grows by 0.5 * 0.28
+    assert diagnostics["kl_loss"] == pytest.approx(0.28)
+    torch.testing.assert_close(loss, without + 0.14)
+    with pytest.raises(ValueError, match="exact_kl"):
+        ppo_minibatch_loss(logprobs_new, logprobs_old, ADV, values, values, values, PG_MASK, config)
+
+
 def test_minibatch_loss_combines_policy_value_and_entropy_terms():
     logprobs_new, logprobs_old = _policy_inputs()
     values_old, returns = torch.zeros(1, 6, dtype=D), torch.ones(1, 6, dtype=D)
@@ -279,7 +306,7 @@ def test_minibatch_loss_combines_policy_value_and_entropy_terms():
     # value loss: every token (0.1 - 1)^2 = 0.81, unclipped -> 0.5 * 0.81 = 0.405
     # total = -0.32 + 0.1 * 0.405 - 0.01 * 2 = -0.2995
     torch.testing.assert_close(loss, t(-0.2995))
-    assert diagnostics == pytest.approx(
+    assert {name: v for name, v in diagnostics.items() if name != "kl_loss"} == pytest.approx(
         {
             "policy_loss": -0.32,
             "value_loss": 0.405,
@@ -294,3 +321,4 @@ def test_minibatch_loss_combines_policy_value_and_entropy_terms():
         logprobs_new, logprobs_old, ADV, values_new, values_old, returns, PG_MASK, PPOConfig(ent_coef=0.0)
     )
     assert math.isnan(no_entropy["entropy"])
+    assert math.isnan(diagnostics["kl_loss"])  # kl_coef = 0: the term is not computed
