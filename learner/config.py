@@ -93,7 +93,8 @@ class LearnerSettings(BaseSettings):
     precision: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
         description="Autocast dtype of the forward passes: 'auto' = bfloat16 on CUDA and on CPUs with AMX "
-        "(1.3x float32 there in bench learn), float32 elsewhere. Weights and optimizer stay float32.",
+        "or AVX512-BF16 (1.3x float32 with AMX in bench learn), float32 elsewhere. Weights and optimizer "
+        "stay float32.",
     )
     metrics_port: int = Field(9100, ge=0, description="Port of the learner's Prometheus /metrics; 0 = none.")
     metrics_host: str = Field(

@@ -47,9 +47,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 matmuls natively, 1.3x the float32 speed of
-    a PPO update on one core (docs/BENCHMARKS.md). Without them bf16 on CPU is emulated and slower."""
-    return torch.cpu._is_amx_tile_supported()
+    """Native bf16 matmuls in oneDNN: AMX tiles (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4
+    and later, Intel Cooper Lake). bf16 autocast was 1.3x float32 per PPO update on one core with AMX in
+    bench learn, and ~1.5x on an AVX512-BF16 EPYC in the loop (docs/BENCHMARKS.md); without either, bf16 on
+    CPU is emulated and slower."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

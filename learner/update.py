@@ -127,6 +127,7 @@ def forward_chunked(policy: Policy, batch: Batch, max_tokens: int | None, **kwar
     def joined(parts: list[Tensor | None]) -> Tensor | None:
         if parts[0] is None:
             return None
+
         def padded(part: Tensor) -> Tensor:  # the T axis is dim 1: [B, T] or [B, T, V]
             return torch.nn.functional.pad(part, (0, 0) * (part.dim() - 2) + (0, width - part.shape[1]))
 

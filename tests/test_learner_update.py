@@ -59,11 +59,20 @@ def full_logprobs(model, batch: Batch) -> torch.Tensor:
     return logits.float().log_softmax(-1)
 
 
-def test_precision_auto_picks_bfloat16_only_where_it_is_fast_and_refuses_unknown_names() -> None:
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)],
+    ids=["amx", "avx512-bf16", "neither"],
+)
+def test_precision_auto_picks_bfloat16_only_where_it_is_fast_and_refuses_unknown_names(
+    monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool, expected: torch.dtype | None
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolve_precision("auto", CPU) is expected
     assert resolve_precision("float32", torch.device("cuda")) is None
     assert resolve_precision("bfloat16", CPU) is torch.bfloat16
     assert resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
-    assert resolve_precision("auto", CPU) is (torch.bfloat16 if torch.cpu._is_amx_tile_supported() else None)
     with pytest.raises(ValueError, match="precision must be"):
         resolve_precision("fp8", CPU)
 
@@ -130,15 +139,19 @@ def test_ppo_raises_the_rewarded_tokens_probability_while_kl_to_the_reference_st
     assert expected <= set(diagnostics)
 
 
-def test_the_exact_kl_term_keeps_the_policy_closer_to_the_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Same events, same seed: with kl_coef > 0 the updates end nearer pi_ref than with the reward penalty alone."""
+def test_the_exact_kl_term_keeps_the_policy_closer_to_the_reference(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Same events, same seed: with kl_coef > 0 the updates end nearer pi_ref than with the penalty alone."""
     generator = torch.Generator().manual_seed(0)
     prompts = make_prompts(2, 6, seed=1)
     base, sampler = fresh_policy(tiny_model_dir, tmp_path / "sampler")
     events = sample_events(sampler, base, prompts, 16, 8, lambda r: 0.0, generator)
     counts = collections.Counter(t for e in events for t in set(e.response_token_ids))
     chosen = counts.most_common(1)[0][0]
-    events = [e.model_copy(update={"reward": 1.0 if chosen in e.response_token_ids else -1.0}) for e in events]
+    events = [
+        e.model_copy(update={"reward": 1.0 if chosen in e.response_token_ids else -1.0}) for e in events
+    ]
 
     def kl_after(kl_coef: float) -> tuple[float, dict[str, float]]:
         base, policy = fresh_policy(tiny_model_dir, tmp_path / f"kl{kl_coef}")

@@ -282,7 +282,9 @@ def test_minibatch_loss_adds_the_exact_kl_term_weighted_by_kl_coef():
     logprobs_new, logprobs_old = _policy_inputs()
     values = torch.zeros(1, 6, dtype=D)
     kl = t([[0.2, 0.4, 0.0, 0.6, 0.2, 9.0]])  # 9.0 sits on a masked position
-    without, _ = ppo_minibatch_loss(logprobs_new, logprobs_old, ADV, values, values, values, PG_MASK, PPOConfig())
+    without, _ = ppo_minibatch_loss(
+        logprobs_new, logprobs_old, ADV, values, values, values, PG_MASK, PPOConfig()
+    )
     config = PPOConfig(kl_coef=0.5)
     loss, diagnostics = ppo_minibatch_loss(
         logprobs_new, logprobs_old, ADV, values, values, values, PG_MASK, config, kl_ref=kl

@@ -198,6 +198,40 @@ def bench_learn(
     run(_settings(), out=out, repeats=repeats, with_trl=trl)
 
 
+@bench_app.command("ablate")
+def bench_ablate(
+    arm: list[str] = typer.Option(
+        ..., help="Learner overrides of one arm, e.g. 'lam=0.95' or 'lam=1.0,kl_coef=0.3' ('' = defaults)."
+    ),
+    rule: str = typer.Option("concise", help=_RULE_HELP),
+    versions: int = typer.Option(24, min=1, help="PPO updates (adapter versions) per arm."),
+    batch_size: int = typer.Option(32, min=1, help="Rated answers per update."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of the sampled answers and the evaluation."),
+    eval_every: int = typer.Option(1_000_000, min=1, help="Evaluate every Nth version (always the last)."),
+    samples_per_prompt: int = typer.Option(2, min=1, help="Answers per held-out prompt in an evaluation."),
+    seed: int = typer.Option(1, help="Seed of the prompt draws and the evaluation."),
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """Learner settings side by side on the same simulated users (no server): approval, KL, capability."""
+    from thumbtune.bench_ablate import run
+
+    try:
+        run(
+            _settings(),
+            arm,
+            rule=rule,
+            versions=versions,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            eval_every=eval_every,
+            samples_per_prompt=samples_per_prompt,
+            seed=seed,
+            out=out,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 @bench_app.command("loop")
 def bench_loop(
     rule: str = typer.Option("concise", help=_RULE_HELP),
