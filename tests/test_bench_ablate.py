@@ -25,14 +25,20 @@ def test_bad_arm_specs_are_refused_with_the_reason(spec: str, message: str) -> N
         parse_arm(spec)
 
 
+def even_length(prompt: str, response: str) -> bool:
+    """A rule that splits the tiny model's gibberish answers about in half (``concise`` approves them all,
+    and a batch of equal rewards carries no signal)."""
+    return len(response) % 2 == 0
+
+
 def test_one_arm_trains_versions_and_evaluates_the_last(tiny_model_dir: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         result = run_arm(
             Settings(model=str(tiny_model_dir)),
-            {"epochs": "1", "minibatch_size": "4", "lam": "1.0"},
-            rule="concise",
+            {"epochs": "1", "minibatch_size": "4", "lam": "1.0", "lr": "0.05"},
+            rule="tests.test_bench_ablate:even_length",
             versions=2,
             batch_size=4,
             max_tokens=6,
@@ -48,6 +54,6 @@ def test_one_arm_trains_versions_and_evaluates_the_last(tiny_model_dir: Path) ->
         assert 0.0 <= row["approval"] <= 1.0 and row["update_s"] > 0
     (evaluation,) = result["evaluations"]  # only the last: 2 is not a multiple of 100
     assert evaluation["version"] == 2 and evaluation["thumbs"] == 8
-    assert evaluation["capability_of"] == 30 and evaluation["kl_to_base"] > 0  # v2 is not the base
+    assert evaluation["capability_of"] == 30 and evaluation["kl_to_base"] > 0  # v2 moved off the base
     lines = report({"arms": {"lam=1.0": result}})
     assert lines[0].startswith("arm lam=1.0: batch approval by thirds") and "v2" in lines[1]
