@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from learner.ppo import _upcast, entropy_from_logits, logprobs_from_logits
+from learner.ppo import entropy_from_logits, logprobs_from_logits
 from service.engine.adapters import lora_config
 from thumbtune.contract import BASE_VERSION, FeedbackEvent
 from thumbtune.settings import Settings
@@ -49,7 +49,7 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """Native bf16 matmuls in oneDNN: AMX tiles (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4
     and later, Intel Cooper Lake). bf16 autocast was 1.3x float32 per PPO update on one core with AMX in
-    bench learn, and ~1.5x on an AVX512-BF16 EPYC in the loop (docs/BENCHMARKS.md); without either, bf16 on
+    bench learn, and 1.6x on an AVX512-BF16 EPYC in the loop (docs/BENCHMARKS.md); without either, bf16 on
     CPU is emulated and slower."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
@@ -267,7 +267,7 @@ class Policy:
         if tempered:
             temperatures = batch.temperatures.float().cpu()
             tempered_lp = logprobs_from_logits(logits, batch.response_ids, temperatures) * mask
-        log_dist = _upcast(logits).log_softmax(-1) if with_log_dist else None
+        log_dist = logits.float().log_softmax(-1) if with_log_dist else None
         return PolicyOutput(logprobs, values, entropy, tempered_lp, log_dist)
 
 

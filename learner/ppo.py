@@ -8,7 +8,8 @@ adapter versions, so the policy gradient carries IMPALA's truncated importance w
 Policies: pi_theta is optimised; pi_old is pi_theta before this update; pi_b (behaviour) is the adapter
 version that served the answer; pi_ref is the base model (adapter off). Per-token tensors are [B, T] over
 the response tokens, right-padded, with a float ``mask`` [B, T]: 1 on response tokens, 0 on (finite,
-e.g. 0) padding. Forward passes, batching, optimisers and checkpoints live in the learner loop, not here.
+e.g. 0) padding. Forward passes, batching, optimisers and checkpoints live in the learner loop, not here;
+the KL estimators and the beta controllers live in learner/kl.py.
 """
 
 from __future__ import annotations
@@ -259,83 +260,12 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float | Te
     return torch.stack(rows)
 
 
-# KL(p || q) estimated from samples x ~ p with r = log q(x) - log p(x): http://joschu.net/blog/kl-approx.html
-def exact_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) at each position, summed over the whole vocabulary: sum_v p_v (log p_v - log q_v), [...].
-
-    ``log_p`` and ``log_q`` are log-distributions [..., V]. Unlike k1-k3 this is no estimate from the
-    sampled token: at a visited state it is the divergence itself, and its gradient pulls every
-    token's probability back toward the reference, not only the one that was sampled.
-    """
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
-    """k1 = -r: unbiased for KL(p || q), high variance, can be negative (http://joschu.net/blog/kl-approx.html)."""
-    return logp - logq
-
-
-def kl_k2(logp: Tensor, logq: Tensor) -> Tensor:
-    """k2 = r^2 / 2: biased for KL(p || q), low variance, >= 0 (http://joschu.net/blog/kl-approx.html)."""
-    return 0.5 * (logq - logp) ** 2
-
-
-def kl_k3(logp: Tensor, logq: Tensor) -> Tensor:
-    """k3 = (e^r - 1) - r: unbiased for KL(p || q), low variance, >= 0 (http://joschu.net/blog/kl-approx.html)."""
-    log_ratio = logq - logp
-    return torch.expm1(log_ratio) - log_ratio
-
-
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """1 - Var[R - V] / Var[R] over valid tokens: 1 is a perfect critic, 0 no better than a constant,
     negative is worse than a constant; nan when the returns have no variance."""
     var_returns = masked_var(returns, mask)
     explained = 1 - masked_var(returns - values, mask) / var_returns
     return torch.where(var_returns == 0, torch.full_like(explained, math.nan), explained)
-
-
-class AdaptiveKLController:
-    """Log-space proportional controller for beta (Ziegler et al. 2019, section 2.2; TRL's form):
-
-        e_t        = clip(KL_t / KL_target - 1, -0.2, 0.2)
-        beta_{t+1} = beta_t * (1 + e_t * n_steps / horizon)
-
-    KL_t is the batch mean of `sequence_kl` (nats per sequence) and n_steps the number of sequences in
-    the batch, so beta changes by at most ~20% per ``horizon`` sequences. Ziegler's K_beta is
-    n_steps / horizon here.
-    """
-
-    def __init__(self, init_beta: float, target: float, horizon: int) -> None:
-        self.value = init_beta
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + proportional_error * n_steps / self.horizon
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-class FixedKLController:
-    """Constant beta with AdaptiveKLController's interface. Its value is the configuration's, so
-    `load_state_dict` leaves it alone: changing init_beta and resuming takes effect."""
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        pass
 
 
 class RunningMoments:

@@ -33,17 +33,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from learner.policy import Batch, Policy, PolicyOutput
-from learner.ppo import (
+from learner.kl import (
     AdaptiveKLController,
     FixedKLController,
+    exact_kl,
+    kl_k3,
+)
+from learner.policy import Batch, Policy, PolicyOutput
+from learner.ppo import (
     PPOConfig,
     RunningMoments,
     effective_sample_size,
-    exact_kl,
     explained_variance,
     gae,
-    kl_k3,
     masked_mean,
     masked_whiten,
     ppo_minibatch_loss,

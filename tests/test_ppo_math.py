@@ -6,19 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from learner.ppo import (
+from learner.kl import (
     AdaptiveKLController,
     FixedKLController,
+    exact_kl,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+)
+from learner.ppo import (
     PPOConfig,
     RunningMoments,
     effective_sample_size,
     entropy_from_logits,
-    exact_kl,
     explained_variance,
     gae,
-    kl_k1,
-    kl_k2,
-    kl_k3,
     last_token_mask,
     logprobs_from_logits,
     masked_mean,
