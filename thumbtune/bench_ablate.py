@@ -47,37 +47,6 @@ def parse_arm(spec: str) -> dict[str, str]:
     return overrides
 
 
-def sample(policy, tokenizer, prompts: list[list[int]], eos: list[int], max_tokens: int):
-    """Answers (cut after the first end token, which stays in) and log pi(a_t) at T = 1, batched."""
-    import torch
-
-    pad = tokenizer.pad_token_id
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = policy.model.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_tokens,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    tokens = out.sequences[:, width:]
-    logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    answers = []
-    for row, lps in zip(tokens.tolist(), logp.tolist(), strict=True):
-        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        answers.append((row[:n], [min(x, 0.0) for x in lps[:n]]))
-    return answers
-
-
 def run_arm(
     settings: Settings,
     overrides: dict[str, str],
@@ -99,7 +68,7 @@ def run_arm(
     from thumbtune import rules
     from thumbtune.base_model import load_base
     from thumbtune.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams, reward_for
-    from thumbtune.evaluate import Evaluator
+    from thumbtune.evaluate import Evaluator, sample_with_logprobs
     from thumbtune.simulate import load_prompts
 
     judge = rules.load_rule(rule)
@@ -112,22 +81,22 @@ def run_arm(
         base.model, settings, device, learner.seed, resolve_precision(learner.precision, device)
     )
     state = LearnerState.create(policy, cfg, learner.weight_decay, seed=learner.seed)
-    configured = base.model.generation_config.eos_token_id if base.model.generation_config else None
-    eos = sorted({tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None})
-    train, heldout = load_prompts("train"), load_prompts("heldout")
+    train = load_prompts("train")
+    evaluator = Evaluator(  # the held-out evaluation, and the chat encoding and end tokens the arm uses
+        policy.model,
+        tok,
+        load_prompts("heldout"),
+        judge,
+        samples_per_prompt=samples_per_prompt,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
+    eos = evaluator.eos
     draw = random.Random(seed)
     torch.manual_seed(seed)
 
     def evaluate(version: int) -> dict:
-        ev = Evaluator(
-            policy.model,
-            tok,
-            heldout,
-            judge,
-            samples_per_prompt=samples_per_prompt,
-            max_tokens=max_tokens,
-            seed=seed,
-        ).evaluate()
+        ev = evaluator.evaluate()
         return {
             "version": version,
             "thumbs": version * batch_size,
@@ -143,12 +112,12 @@ def run_arm(
         started = time.perf_counter()
         texts = draw.sample(train, batch_size)
         conversations = [[{"role": "user", "content": text}] for text in texts]
-        prompts = [
-            list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
-            for c in conversations
-        ]
+        prompts = [evaluator.encode(text) for text in texts]
+        sampled = sample_with_logprobs(
+            policy.model, prompts, pad=evaluator.pad, eos=eos, max_tokens=max_tokens
+        )
         events, approved = [], []
-        for i, (answer, logprobs) in enumerate(sample(policy, tok, prompts, eos, max_tokens)):
+        for i, (answer, logprobs) in enumerate(sampled):
             text = tok.decode([t for t in answer if t not in eos], skip_special_tokens=True)
             up = rules.approves(rules.judge(judge, texts[i], text))
             approved.append(up)

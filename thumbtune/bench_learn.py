@@ -125,7 +125,10 @@ def _peak_rss() -> int:
 
 def make_events(settings: Settings, path: Path) -> dict:
     """Sample the fixed set (2 answers per prompt, seeded) and write it as FeedbackEvent JSONL."""
+    import torch
+
     from thumbtune.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams
+    from thumbtune.evaluate import sample_with_logprobs
 
     base = _load(settings)
     tok = base.tokenizer
@@ -138,11 +141,16 @@ def make_events(settings: Settings, path: Path) -> dict:
         for m in conversations
     ]
     started = time.perf_counter()
-    answers, logprobs = _sample(
-        base.model, [p for p in prompts for _ in range(2)], tok.pad_token_id, tok.eos_token_id
+    torch.manual_seed(SEED)
+    sampled = sample_with_logprobs(
+        base.model,
+        [p for p in prompts for _ in range(2)],
+        pad=tok.pad_token_id,
+        eos=[tok.eos_token_id],
+        max_tokens=MAX_TOKENS,
     )
     lines = []
-    for i, (answer, lps) in enumerate(zip(answers, logprobs, strict=True)):
+    for i, (answer, lps) in enumerate(sampled):
         k, reward = i // 2, 1.0 if i % 2 == 0 else -1.0
         event = FeedbackEvent(
             event_id=f"bench-learn-{i:03d}",
@@ -167,39 +175,6 @@ def make_events(settings: Settings, path: Path) -> dict:
         lines.append(event.model_dump_json())
     path.write_text("\n".join(lines) + "\n")
     return {"sample_s": time.perf_counter() - started}
-
-
-def _sample(model, prompts: list[list[int]], pad: int, eos: int) -> tuple[list[list[int]], list[list[float]]]:
-    """One seeded batched ``generate`` (left padding, T = 1, no top-k/top-p), cut after the first EOS, with
-    log_softmax(z_t)[a_t] of the raw logits per token (what the server records at T = 1)."""
-    import torch
-
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    torch.manual_seed(SEED)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=MAX_TOKENS,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    tokens = out.sequences[:, width:]
-    logp = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    answers, logprobs = [], []
-    for row, lps in zip(tokens.tolist(), logp.tolist(), strict=True):
-        n = row.index(eos) + 1 if eos in row else len(row)
-        answers.append(row[:n])
-        logprobs.append([min(x, 0.0) for x in lps[:n]])
-    return answers, logprobs
 
 
 def _warm_up(model, batch) -> None:
