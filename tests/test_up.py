@@ -80,3 +80,59 @@ def test_up_serves_and_stops_everything_on_sigterm(tiny_model_dir, tmp_path) -> 
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_with(marker) == []
+
+
+EMBEDDED_SYSTEM = """
+import sys, time
+from pathlib import Path
+from thumbtune.bench_loop import EmbeddedSystem
+
+root = Path(sys.argv[1])
+root.mkdir(parents=True)
+with EmbeddedSystem(root, root / "system.log"):
+    print("system ready", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_bench_loops_system_stops_when_bench_loop_is_terminated_or_killed(
+    tiny_model_dir,  # noqa: ANN001
+    tmp_path,  # noqa: ANN001
+    sig: signal.Signals,
+) -> None:
+    """`thumbtune bench loop` runs `up` in its own session: SIGTERM unwinds through its clean stop, and if
+    bench loop is SIGKILLed, `up` gets SIGTERM from the kernel (parent-death signal) and stops everything."""
+    marker = f"THUMBTUNE_TEST_MARKER={uuid.uuid4().hex}"
+    env = dict(
+        os.environ,
+        THUMBTUNE_MODEL=str(tiny_model_dir),
+        THUMBTUNE_CACHE_DIR=str(tmp_path / "cache"),
+        THUMBTUNE_MAX_CONTEXT="512",
+    )
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EMBEDDED_SYSTEM, str(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "system ready" in line:
+                break
+        assert any("system ready" in line for line in lines), "".join(lines)
+        assert len(processes_with(marker)) >= 5  # this script, up, broker (+ tansu), server, learner
+        proc.send_signal(sig)
+        code = proc.wait(timeout=90)
+        assert code == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 40
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with(marker) == []

@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from thumbtune.broker import parent_death_hook
 from thumbtune.contract import BASE_VERSION, AdapterManifest, version_number
 from thumbtune.rules import load_rule
 from thumbtune.settings import Settings
@@ -61,6 +62,8 @@ class EmbeddedSystem:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.ready = threading.Event()
+        self._sigterm_before: object = None
+        self._sigterm_installed = False
 
     @property
     def url(self) -> str:
@@ -76,13 +79,22 @@ class EmbeddedSystem:
             text=True,
             bufsize=1,
             start_new_session=True,
+            # `up` stops everything if bench loop dies without cleaning up (one prctl call, resolved first)
+            preexec_fn=parent_death_hook(),  # noqa: PLW1509
         )
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (e.g. `timeout`, a CI runner) unwinds through __exit__ like Ctrl-C, stopping the system
+            self._sigterm_before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self._sigterm_installed = True
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + 900
-        while not self.ready.wait(0.5):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"thumbtune up did not become ready; see {self.log_path}")
+        try:
+            while not self.ready.wait(0.5):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"thumbtune up did not become ready; see {self.log_path}")
+        except BaseException:  # not ready, Ctrl-C or SIGTERM: `with` will not call __exit__ for us
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _pump(self) -> None:
@@ -96,6 +108,9 @@ class EmbeddedSystem:
                 print(line.rstrip(), flush=True)
 
     def __exit__(self, *exc: object) -> None:
+        if self._sigterm_installed:
+            signal.signal(signal.SIGTERM, self._sigterm_before or signal.SIG_DFL)
+            self._sigterm_installed = False
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -104,6 +119,10 @@ class EmbeddedSystem:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _manifests(store: Path) -> list[AdapterManifest]:

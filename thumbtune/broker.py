@@ -101,7 +101,7 @@ def consumer_group_config(settings: Settings) -> dict[str, int]:
     }
 
 
-def _parent_death_hook() -> Callable[[], None] | None:
+def parent_death_hook() -> Callable[[], None] | None:
     """A pre-exec hook that makes the child get SIGTERM when the spawning thread dies (Linux).
 
     So a parent killed with SIGKILL does not leave a broker holding the port. prctl is looked
@@ -198,7 +198,7 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_parent_death_hook(),  # noqa: PLW1509 - one prctl call, resolved before fork
+            preexec_fn=parent_death_hook(),  # noqa: PLW1509 - one prctl call, resolved before fork
         )
         try:
             self._wait_ready(timeout)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from thumbtune.broker import _parent_death_hook
+from thumbtune.broker import parent_death_hook
 from thumbtune.settings import Settings
 
 GRACE_S = 20.0
@@ -42,7 +42,7 @@ class Child:
             text=True,
             bufsize=1,
             start_new_session=True,
-            preexec_fn=_parent_death_hook(),
+            preexec_fn=parent_death_hook(),
         )
         t = threading.Thread(target=self._pump, daemon=True)
         t.start()
