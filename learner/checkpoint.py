@@ -4,7 +4,9 @@ Layout of ``v<N>/`` (every file but the manifest is hashed into it):
   adapter_model.safetensors, adapter_config.json   the standard PEFT layout: PeftModel.from_pretrained(base,
                                                    "v<N>") and vLLM's LoRA loader read the directory as is
   value_head.safetensors                           the critic, trained with the adapter
-  learner_state.pt                                 optimizer, KL controller, reward and length statistics
+  learner_state.pt                                 optimizer, KL controller, reward and length statistics,
+                                                   and the trained weights theta when the adapter file holds
+                                                   their Polyak average (learner/average.py)
   manifest.json                                    `AdapterManifest`, written last by the store
 """
 
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from learner.average import load_trained_weights, lora_parameters
 from learner.config import LearnerSettings
 from learner.policy import ADAPTER_NAME, VALUE_HEAD_FILE, Policy, resolve_device, resolve_precision
 from learner.store import AdapterStore
@@ -49,7 +53,9 @@ def save_version(
     version = store.next_version()
 
     def write(tmp: Path) -> None:
-        policy.model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
+        torch.save(state.state_dict(), tmp / LEARNER_STATE_FILE)  # first: it holds theta, not the average
+        with state.average.published() if state.average else nullcontext():
+            policy.model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the adapter
         if not (tmp / ADAPTER_WEIGHTS).is_file() or not (tmp / ADAPTER_CONFIG).is_file():
             raise RuntimeError(f"peft did not write {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} at the top of {tmp}")
@@ -57,7 +63,6 @@ def save_version(
             {k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
             str(tmp / VALUE_HEAD_FILE),
         )
-        torch.save(state.state_dict(), tmp / LEARNER_STATE_FILE)
 
     manifest = AdapterManifest(
         version=version,
@@ -93,7 +98,10 @@ def load_latest(
             base.model, settings, device, seed=learner_settings.seed, autocast_dtype=precision
         )
         log.info("adapter store %s is empty: training from the empty adapter v0", store)
-        return policy, LearnerState.create(policy, cfg, learner_settings.weight_decay, learner_settings.seed)
+        state = LearnerState.create(
+            policy, cfg, learner_settings.weight_decay, learner_settings.seed, learner_settings.average_decay
+        )
+        return policy, state
 
     manifest = store.read_manifest(version)
     if manifest.base_fingerprint != base.fingerprint:
@@ -107,10 +115,16 @@ def load_latest(
         raise RuntimeError(f"adapter {version} in {store} is damaged: {'; '.join(problems)}")
     directory = store.path(version)
     policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
-    state = LearnerState.create(policy, cfg, learner_settings.weight_decay, learner_settings.seed)
+    # the average (if any) starts from the stored adapter, which is the published w
+    state = LearnerState.create(
+        policy, cfg, learner_settings.weight_decay, learner_settings.seed, learner_settings.average_decay
+    )
     state_file = directory / LEARNER_STATE_FILE
     if state_file.is_file():
-        state.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        state.load_state_dict(saved)
+        if "trained_weights" in saved:  # the adapter file holds the average: train on from theta
+            load_trained_weights(lora_parameters(policy.model), saved["trained_weights"])
     else:
         log.warning(
             "%s has no %s: resuming its weights with a fresh optimizer and statistics",

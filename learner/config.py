@@ -32,18 +32,34 @@ class LearnerSettings(BaseSettings):
         4, ge=0, description="Drop events served by an adapter over this many versions behind the learner."
     )
 
+    # 0.5: each version moves the served policy by half of what its update found (docs/BENCHMARKS.md, run 8)
+    average_decay: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Publish the Polyak average w <- d*w + (1-d)*theta of the trained LoRA weights with this "
+        "decay d per version (learner/average.py); 0 = publish the trained weights themselves.",
+    )
+
     # --- KL penalty to the reference (the base model, adapter off) --------------------------------
     # Defaults measured with `thumbtune bench loop` on SmolLM2-135M (docs/BENCHMARKS.md): at lr 1e-4 nothing
     # was learnt in 160 ratings; at lr 1e-3 with beta 0.05 approval passed 80% but capability collapsed
-    # once KL(pi || base) passed ~3 nats per answer; beta 0.3 kept it.
+    # once KL(pi || base) passed ~3 nats per answer; beta 0.3 kept it but approval settled at 50-70%
+    # (loop runs 5 and 6); beta 0.2 with the averaged adapter reached 74-88% with answers intact (run 8).
     target_kl: float = Field(
         2.0, gt=0, description="Adaptive beta's target KL(pi || pi_ref), nats per response (sum over tokens)."
+    )
+    kl_penalty: Literal["k1", "k3"] = Field(
+        "k1",
+        description="Per-token estimator of KL(pi || pi_ref) in the reward's beta penalty: 'k1' = log pi - "
+        "log pi_ref (Ziegler et al.); 'k3' = (rho - 1) - log rho with rho = pi_ref / pi, >= 0 but weak on "
+        "what the policy learnt (run 7 in docs/BENCHMARKS.md: reward hacking at beta 0.3).",
     )
     fixed_beta: float | None = Field(
         None, ge=0, description="Keep the KL coefficient beta at this value; unset or 'none' = adaptive."
     )
     init_beta: float = Field(
-        0.3, ge=0, description="Starting KL coefficient beta of the adaptive controller."
+        0.2, ge=0, description="Starting KL coefficient beta of the adaptive controller."
     )
     kl_horizon: int = Field(
         10_000, ge=1, description="Adaptive controller horizon in responses (beta moves <= ~20% per horizon)."
@@ -62,10 +78,11 @@ class LearnerSettings(BaseSettings):
     lam: float = Field(
         1.0, ge=0, le=1, description="GAE lambda (gamma is fixed at 1: one score per response)."
     )
-    # 2 epochs of minibatches of 8: the 8 optimizer steps per 32 events that 4 x 16 took, at half the
-    # compute, so an update of the embedded model fits in ~50 s of one CPU core (docs/BENCHMARKS.md, run 4)
-    epochs: int = Field(2, ge=1, description="Passes over each batch (PPO's K).")
-    minibatch_size: int = Field(8, ge=1, description="Responses per gradient step.")
+    # 1 epoch of minibatches of 4: the 8 optimizer steps per 32 events that 2 x 8 (run 4) and 4 x 16 took,
+    # each rating used once, at half 2 x 8's compute: ~48 s per update on one float32 core of an AVX2-only
+    # CPU, inside the 60 s feedback-to-live budget (docs/BENCHMARKS.md, runs 6 and 8)
+    epochs: int = Field(1, ge=1, description="Passes over each batch (PPO's K).")
+    minibatch_size: int = Field(4, ge=1, description="Responses per gradient step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA weights and the value head.")
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW weight decay (pulls the adapter toward the base)."
@@ -122,6 +139,7 @@ class LearnerSettings(BaseSettings):
             max_grad_norm=self.max_grad_norm,
             lr=self.lr,
             target_kl_early_stop=self.early_stop_kl,
+            kl_penalty=self.kl_penalty,
             init_beta=self.fixed_beta if self.fixed_beta is not None else self.init_beta,
             target_kl=self.target_kl,
             kl_horizon=self.kl_horizon,

@@ -1,6 +1,7 @@
 """KL(pi || pi_ref): the estimators, the exact divergence, and the controllers of its coefficient beta.
 
-The reward's per-token penalty uses the k1 estimate at the sampled token (`learner.ppo.token_rewards`);
+The reward's per-token penalty uses the k1 (or, by `PPOConfig.kl_penalty`, the k3) estimate at the sampled
+token (`learner.ppo.token_rewards`);
 the diagnostics report k3; the optional loss term (`PPOConfig.kl_coef`) uses `exact_kl` over the whole
 vocabulary. beta itself is steered by `AdaptiveKLController` (Ziegler et al. 2019) or held fixed.
 """

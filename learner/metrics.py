@@ -99,6 +99,10 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
     "epochs": ("epochs", "Epochs the last update ran (fewer when it stopped early on approx-KL)."),
     "early_stopped": ("early_stopped", "1 when the last update stopped early on approx-KL."),
     "tokens_per_s": ("tokens_per_second", "Training throughput of the last update."),
+    "average_gap": (
+        "average_gap",
+        "||theta - w|| / ||w||: how far the trained LoRA weights are ahead of the published average.",
+    ),
 }
 _DIAGNOSTIC_GAUGES = {
     name: Gauge(f"thumbtune_learner_{suffix}", help_) for name, (suffix, help_) in DIAGNOSTICS.items()

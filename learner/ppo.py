@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from learner.kl import kl_k1, kl_k3
+
+KL_PENALTY_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+"""The per-token estimates of KL(pi_old || pi_ref) the reward's penalty may use (`PPOConfig.kl_penalty`)."""
+
 
 @dataclass
 class PPOConfig:
@@ -42,9 +47,9 @@ class PPOConfig:
     lam: float = 1.0
     """lambda of GAE, the bias/variance trade-off of the advantage estimate; 1 (as in OpenRLHF): the only
     score arrives at the end, and with lambda < 1 the early tokens see it only through a young critic"""
-    epochs: int = 2
+    epochs: int = 1
     """passes over each batch of events (PPO's K)"""
-    minibatch_size: int = 8
+    minibatch_size: int = 4
     """sequences per gradient step"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
@@ -52,7 +57,9 @@ class PPOConfig:
     """Adam learning rate of the LoRA parameters (at 1e-4 the embedded model learnt nothing in 160 ratings)"""
     target_kl_early_stop: float | None = 0.1
     """skip the remaining epochs once per-token approx-KL(pi_old || pi_theta) exceeds this; None: never"""
-    init_beta: float = 0.3
+    kl_penalty: str = "k1"
+    """the reward penalty's per-token KL estimator, "k1" or "k3" (`token_rewards`)"""
+    init_beta: float = 0.2
     """initial beta, the per-token KL penalty coefficient (reward units per nat)"""
     target_kl: float = 2.0
     """target of the adaptive controller: KL(pi_old || pi_ref) in nats PER SEQUENCE (summed over tokens)"""
@@ -100,17 +107,28 @@ def last_token_mask(mask: Tensor) -> Tensor:
 
 
 def token_rewards(
-    score: Tensor, logprobs_old: Tensor, logprobs_ref: Tensor, mask: Tensor, beta: float
+    score: Tensor,
+    logprobs_old: Tensor,
+    logprobs_ref: Tensor,
+    mask: Tensor,
+    beta: float,
+    estimator: str = "k1",
 ) -> Tensor:
     """Per-token rewards of Ziegler et al. (eq. 2): a KL penalty at every token, the score at the end.
 
-        r_t = -beta * (log pi_old(a_t | s_t) - log pi_ref(a_t | s_t)) + [t = last valid token] * R
+        r_t = -beta * k(a_t | s_t) + [t = last valid token] * R
 
-    The penalty is the k1 estimate of KL(pi_old || pi_ref) at the sampled token; its sum over a response
-    is `sequence_kl`, the quantity `AdaptiveKLController` steers. ``score`` is R, shape [B], already
-    normalised (`RunningMoments.normalize`). Padding gets 0.
+    k estimates KL(pi_old || pi_ref) from the sampled token (learner/kl.py), with rho = pi_ref / pi_old:
+    k1 = -log rho (Ziegler et al.; its sum over a response is `sequence_kl`, what `AdaptiveKLController`
+    steers) or k3 = (rho - 1) - log rho (TRL's `kl_estimator="k3"`): the same expectation and never
+    negative, but ~x^2 / 2 for a token the policy made e^x times likelier (k1: x), so it hardly holds back
+    what the thumbs teach, and huge for sampled tokens the policy made rare. With SmolLM2 at beta 0.3 it
+    let the policy break its answers within 400 ratings (run 7 in docs/BENCHMARKS.md); k1 is the default.
+    ``score`` is R, shape [B], already normalised (`RunningMoments.normalize`). Padding gets 0.
     """
-    kl = (logprobs_old - logprobs_ref) * mask
+    if estimator not in KL_PENALTY_ESTIMATORS:
+        raise ValueError(f"KL penalty estimator {estimator!r} is not one of {sorted(KL_PENALTY_ESTIMATORS)}")
+    kl = KL_PENALTY_ESTIMATORS[estimator](logprobs_old, logprobs_ref) * mask
     return -beta * kl + score.unsqueeze(1) * last_token_mask(mask)
 
 

@@ -102,6 +102,8 @@ class Learner:
             return None
         batch = Batch.from_events(events, self.pad_id)
         diagnostics = ppo_update(self.policy, batch, self.state, self.cfg)
+        if self.state.average is not None:
+            diagnostics["average_gap"] = self.state.average.update()
         diagnostics |= {f"skipped.{code}": float(n) for code, n in self.skips.drain().items()}
         parent = self.version
         version = save_version(

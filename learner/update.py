@@ -3,7 +3,7 @@
     1. no grad, at the start:  log pi_old, V_old, H(pi_old), tempered log pi_old  (adapter on)
                                log pi_ref                                          (adapter off)
     2. R~ = clip((R - mean) / std)  with running statistics of every reward seen (not per batch)
-    3. r_t = -beta * (log pi_old - log pi_ref) + [t = last] * R~
+    3. r_t = -beta * k(pi_old, pi_ref) + [t = last] * R~      (k = k1 or k3, PPOConfig.kl_penalty)
     4. A, returns = GAE(r, V_old; gamma = 1, lambda);  A whitened over the batch
     5. w_t = min(c, pi_old(a_t) / pi_b(a_t))   (truncated importance weight, both at the event's T)
     6. K epochs x minibatches of  loss = w * clipped surrogate + c_v * clipped value loss - c_e * H
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from learner.average import WeightAverage, lora_parameters, trained_weights
 from learner.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -67,9 +68,19 @@ class LearnerState:
     generator: torch.Generator = field(default_factory=torch.Generator)
     """Minibatch shuffling."""
     updates: int = 0
+    average: WeightAverage | None = None
+    """The published Polyak average of the LoRA weights (learner/average.py); None: publish theta."""
 
     @classmethod
-    def create(cls, policy: Policy, cfg: PPOConfig, weight_decay: float = 0.0, seed: int = 0) -> LearnerState:
+    def create(
+        cls,
+        policy: Policy,
+        cfg: PPOConfig,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        average_decay: float = 0.0,
+    ) -> LearnerState:
+        """A fresh state; with ``average_decay`` > 0 the average starts at the policy's current weights."""
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=weight_decay)
         if cfg.adaptive_kl:
             controller: AdaptiveKLController | FixedKLController = AdaptiveKLController(
@@ -79,7 +90,8 @@ class LearnerState:
             controller = FixedKLController(cfg.init_beta)
         generator = torch.Generator()
         generator.manual_seed(seed)
-        return cls(optimizer, controller, generator=generator)
+        average = WeightAverage(lora_parameters(policy.model), average_decay) if average_decay > 0 else None
+        return cls(optimizer, controller, generator=generator, average=average)
 
     def state_dict(self) -> dict:
         return {
@@ -89,6 +101,8 @@ class LearnerState:
             "length_moments": self.length_moments.state_dict(),
             "generator": self.generator.get_state(),
             "updates": self.updates,
+            # theta, when the adapter file holds the average w instead (see learner/average.py)
+            **({"trained_weights": trained_weights(self.average.params)} if self.average else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,7 +179,7 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
     beta = state.kl_controller.value
     state.reward_moments.update(batch.scores)
     scores = state.reward_moments.normalize(batch.scores.float(), cfg.reward_clip)
-    rewards = token_rewards(scores, old_logprobs, ref.logprobs, mask, beta)
+    rewards = token_rewards(scores, old_logprobs, ref.logprobs, mask, beta, cfg.kl_penalty)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask)
     is_weights = truncated_importance_weights(

@@ -37,7 +37,14 @@ def test_one_arm_trains_versions_and_evaluates_the_last(tiny_model_dir: Path) ->
     try:
         result = run_arm(
             Settings(model=str(tiny_model_dir)),
-            {"epochs": "1", "minibatch_size": "4", "lam": "1.0", "lr": "0.05"},
+            {
+                "epochs": "1",
+                "minibatch_size": "4",
+                "lam": "1.0",
+                "lr": "0.05",
+                "kl_penalty": "k3",
+                "average_decay": "0.5",
+            },
             rule="tests.test_bench_ablate:even_length",
             versions=2,
             batch_size=4,
@@ -52,6 +59,7 @@ def test_one_arm_trains_versions_and_evaluates_the_last(tiny_model_dir: Path) ->
     assert result["config"]["lam"] == 1.0 and result["config"]["epochs"] == 1
     for row in result["versions"]:
         assert 0.0 <= row["approval"] <= 1.0 and row["update_s"] > 0
+        assert row["average_gap"] > 0  # the arm samples with the average, which trails what PPO trains
     (evaluation,) = result["evaluations"]  # only the last: 2 is not a multiple of 100
     assert evaluation["version"] == 2 and evaluation["thumbs"] == 8
     assert evaluation["capability_of"] == 30 and evaluation["kl_to_base"] > 0  # v2 moved off the base

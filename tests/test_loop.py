@@ -120,6 +120,7 @@ def test_simulated_thumbs_train_versions_the_server_swaps_in_and_approval_rises(
             minibatch_size=16,
             lr=2e-3,
             fixed_beta=0.0,
+            average_decay=0.0,  # publish each update whole: the big steps above, not half of them
             max_staleness=1000,
             metrics_port=0,
             seed=0,

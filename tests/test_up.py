@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -135,4 +136,8 @@ def test_bench_loops_system_stops_when_bench_loop_is_terminated_or_killed(
     deadline = time.monotonic() + 40
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert processes_with(marker) == []
+    leftover = processes_with(marker)
+    for pid in leftover:  # a failing run must not leave its system running for the rest of the suite
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert leftover == []

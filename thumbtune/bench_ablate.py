@@ -24,6 +24,7 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from thumbtune.settings import Settings
@@ -80,7 +81,10 @@ def run_arm(
     policy = Policy.fresh(
         base.model, settings, device, learner.seed, resolve_precision(learner.precision, device)
     )
-    state = LearnerState.create(policy, cfg, learner.weight_decay, seed=learner.seed)
+    state = LearnerState.create(
+        policy, cfg, learner.weight_decay, seed=learner.seed, average_decay=learner.average_decay
+    )
+    published = state.average.published if state.average else nullcontext  # what a server would serve
     train = load_prompts("train")
     evaluator = Evaluator(  # the held-out evaluation, and the chat encoding and end tokens the arm uses
         policy.model,
@@ -96,7 +100,8 @@ def run_arm(
     torch.manual_seed(seed)
 
     def evaluate(version: int) -> dict:
-        ev = evaluator.evaluate()
+        with published():
+            ev = evaluator.evaluate()
         return {
             "version": version,
             "thumbs": version * batch_size,
@@ -113,9 +118,10 @@ def run_arm(
         texts = draw.sample(train, batch_size)
         conversations = [[{"role": "user", "content": text}] for text in texts]
         prompts = [evaluator.encode(text) for text in texts]
-        sampled = sample_with_logprobs(
-            policy.model, prompts, pad=evaluator.pad, eos=eos, max_tokens=max_tokens
-        )
+        with published():
+            sampled = sample_with_logprobs(
+                policy.model, prompts, pad=evaluator.pad, eos=eos, max_tokens=max_tokens
+            )
         events, approved = [], []
         for i, (answer, logprobs) in enumerate(sampled):
             text = tok.decode([t for t in answer if t not in eos], skip_special_tokens=True)
@@ -145,6 +151,8 @@ def run_arm(
             )
         sample_s = time.perf_counter() - started
         diagnostics = finite(ppo_update(policy, Batch.from_events(events, tok.pad_token_id), state, cfg))
+        if state.average is not None:
+            diagnostics["average_gap"] = state.average.update()
         policy.version = f"v{v}"
         rows.append(
             {
@@ -153,7 +161,8 @@ def run_arm(
                 "sample_s": round(sample_s, 1),
                 **{
                     k: round(diagnostics[k], 4)
-                    for k in ("kl_ref", "kl_ref_k3_per_token", "approx_kl", "update_s")
+                    for k in ("kl_ref", "kl_ref_k3_per_token", "approx_kl", "update_s", "average_gap")
+                    if k in diagnostics
                 },
                 **({"kl_loss": round(diagnostics["kl_loss"], 4)} if "kl_loss" in diagnostics else {}),
             }

@@ -232,6 +232,34 @@ def bench_ablate(
         raise typer.BadParameter(str(exc)) from exc
 
 
+@bench_app.command("kl-penalty")
+def bench_kl_penalty(
+    versions: list[str] = typer.Argument(..., help="Stored versions to measure, e.g. v10 v25 v40."),
+    store: Path = typer.Option(..., help="The adapter store holding them (e.g. bench-out/loop/adapters)."),
+    rule: str = typer.Option("concise", help=_RULE_HELP),
+    answers: int = typer.Option(64, min=2, help="Answers sampled per version (training prompts)."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of the sampled answers."),
+    seed: int = typer.Option(1, help="Seed of the prompt draw and the sampling."),
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """Where the reward's KL penalty falls: per-answer k1, k3 and exact KL sums vs the rule's approval."""
+    from thumbtune.bench_kl import run
+
+    try:
+        run(
+            _settings(),
+            store,
+            versions,
+            rule=rule,
+            answers=answers,
+            max_tokens=max_tokens,
+            seed=seed,
+            out=out,
+        )  # noqa: E501
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 @bench_app.command("loop")
 def bench_loop(
     rule: str = typer.Option("concise", help=_RULE_HELP),
