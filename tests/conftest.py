@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.broker_fixtures import broker, consume_all  # noqa: F401 - re-exported fixtures
 from thumbtune.settings import Settings
@@ -147,3 +148,13 @@ def live_server_factory(settings_factory):  # noqa: ANN001, ANN201
     yield make
     for server in servers:
         server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One torch thread for the test: the tiny model's matmuls are too small for intra-op threads to pay,
+    and on 2 shared cores they cost 10x. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

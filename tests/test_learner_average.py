@@ -19,13 +19,7 @@ from learner.trainer import Learner
 from tests.learner_helpers import make_prompts, sample_events, tiny_base
 from thumbtune.settings import Settings
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_the_average_is_an_exponential_moving_average_and_published_swaps_it_in_and_out() -> None:

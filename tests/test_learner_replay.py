@@ -14,14 +14,7 @@ from learner.store import LocalAdapterStore
 from tests.learner_helpers import make_prompts, sample_events, tiny_base
 from thumbtune.settings import Settings
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The tiny model's matmuls are too small for intra-op threads to pay; on 2 shared cores they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -27,13 +27,7 @@ CPU = torch.device("cpu")
 SHARPEN = 10.0  # see tiny_base: at x10 a few tokens recur in ~20-50% of a prompt's answers
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The tiny model's matmuls are too small for intra-op threads to pay; on 2 shared cores they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def fresh_policy(tiny_model_dir: Path, tmp_path: Path, autocast_dtype: torch.dtype | None = None):

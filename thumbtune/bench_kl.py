@@ -82,9 +82,8 @@ def run(
     seed: int = 1,
     out: Path | None = None,
 ) -> dict:
-    from peft import PeftModel
-
     from thumbtune.base_model import load_base
+    from thumbtune.evaluate import activate_version
     from thumbtune.rules import load_rule
     from thumbtune.simulate import load_prompts
 
@@ -96,12 +95,7 @@ def run(
     prompts = random.Random(seed).sample(load_prompts("train"), answers)
     model, results = None, {}
     for version in versions:
-        if model is None:
-            model = PeftModel.from_pretrained(base.model, str(store / version), adapter_name=version)
-        else:
-            model.load_adapter(str(store / version), adapter_name=version)
-        model.set_adapter(version)
-        model.eval()
+        model = activate_version(model, base.model, store / version, version)
         torch.manual_seed(seed)
         r = results[version] = measure(model, base.tokenizer, judge, prompts, max_tokens)
         line = "  ".join(

@@ -230,7 +230,7 @@ def run(
 
     from learner.config import LearnerSettings
     from thumbtune.base_model import load_base
-    from thumbtune.evaluate import Evaluator
+    from thumbtune.evaluate import Evaluator, activate_version
 
     judge = load_rule(rule)
     try:
@@ -295,7 +295,6 @@ def run(
     )
     torch.set_num_threads(os.cpu_count() or 1)  # the system is down: evaluation may use every core
     base = load_base(settings)
-    from peft import PeftModel
 
     model = None
     evaluated = []
@@ -304,12 +303,7 @@ def run(
         version = row["version"]
         t0 = time.perf_counter()
         if version != BASE_VERSION:
-            if model is None:
-                model = PeftModel.from_pretrained(base.model, str(store / version), adapter_name=version)
-            else:
-                model.load_adapter(str(store / version), adapter_name=version)
-            model.set_adapter(version)
-            model.eval()
+            model = activate_version(model, base.model, store / version, version)
         evaluator = Evaluator(
             base.model if version == BASE_VERSION else model,
             base.tokenizer,

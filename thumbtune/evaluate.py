@@ -19,6 +19,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,20 @@ from thumbtune.rules import Rule
 
 
 @torch.no_grad()
+def activate_version(model, base_model, directory: Path, version: str):  # noqa: ANN001, ANN201
+    """``model`` (None at first) with the stored adapter ``directory`` loaded as ``version``, made active
+    and in eval mode: a PeftModel over ``base_model`` that holds each version loaded so far."""
+    from peft import PeftModel
+
+    if model is None:
+        model = PeftModel.from_pretrained(base_model, str(directory), adapter_name=version)
+    else:
+        model.load_adapter(str(directory), adapter_name=version)
+    model.set_adapter(version)
+    model.eval()
+    return model
+
+
 def sample_with_logprobs(
     model, prompts: list[list[int]], *, pad: int, eos: list[int], max_tokens: int
 ) -> list[tuple[list[int], list[float]]]:
