@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from learner.store import AdapterStore
-from thumbtune.contract import ADAPTERS_TOPIC, AdapterAnnouncement
-from thumbtune.settings import Settings
+from thumbtune.core.contract import ADAPTERS_TOPIC, AdapterAnnouncement
+from thumbtune.core.kafka import make_consumer, make_producer
+from thumbtune.core.settings import Settings
+from thumbtune.core.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ def announcement_for(store: AdapterStore, version: str) -> AdapterAnnouncement:
     return AdapterAnnouncement(
         version=manifest.version,
         parent=manifest.parent,
-        uri=store.uri(version),
         sha256=manifest.sha256,
         base_model=manifest.base_model,
         base_fingerprint=manifest.base_fingerprint,
@@ -60,7 +60,7 @@ class Announcer:
     """An idempotent, acks=all producer for ``thumbtune.adapters``, recreated after any failure."""
 
     def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
-        self._bootstrap = [s.strip() for s in settings.kafka_bootstrap_servers.split(",") if s.strip()]
+        self._settings = settings
         self._timeout_s = timeout_s
         self._producer: KafkaProducer | None = None
 
@@ -68,9 +68,9 @@ class Announcer:
         """Send and flush; raises KafkaError if the broker did not acknowledge within the timeout."""
         try:
             if self._producer is None:
-                self._producer = KafkaProducer(
-                    bootstrap_servers=self._bootstrap,
-                    client_id="thumbtune-learner",
+                self._producer = make_producer(
+                    self._settings,
+                    "thumbtune-learner",
                     acks="all",
                     enable_idempotence=True,
                     retries=5,
@@ -86,7 +86,7 @@ class Announcer:
         except (KafkaError, OSError):
             self.close()  # an idempotent producer whose broker forgot its id never recovers: start over
             raise
-        log.info("announced %s on %s (%s)", announcement.version, ADAPTERS_TOPIC, announcement.uri)
+        log.info("announced %s on %s", announcement.version, ADAPTERS_TOPIC)
 
     def close(self) -> None:
         producer, self._producer = self._producer, None
@@ -103,11 +103,10 @@ def recent_announcements(settings: Settings, timeout_s: float = 10.0) -> list[Ad
     Manual assignment (no group), so it costs a metadata round trip, not a group join.
     """
     deadline = time.monotonic() + timeout_s
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+    consumer = make_consumer(
+        settings,
+        "thumbtune-learner-announcements",
         group_id=None,
-        enable_auto_commit=False,
-        client_id="thumbtune-learner-announcements",
         request_timeout_ms=int(timeout_s * 1000),
     )
     try:

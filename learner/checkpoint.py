@@ -1,13 +1,13 @@
 """A policy + learner state <-> one adapter version in the store.
 
-Layout of ``v<N>/`` (every file but the manifest is hashed into it):
-  adapter_model.safetensors, adapter_config.json   the standard PEFT layout: PeftModel.from_pretrained(base,
-                                                   "v<N>") and vLLM's LoRA loader read the directory as is
-  value_head.safetensors                           the critic, trained with the adapter
-  learner_state.pt                                 optimizer, KL controller, reward and length statistics,
-                                                   and the trained weights theta when the adapter file holds
-                                                   their Polyak average (learner/average.py)
-  manifest.json                                    `AdapterManifest`, written last by the store
+Layout of ``v<N>/`` (the file names are the contract's; every file but the manifest is hashed into it):
+  ADAPTER_WEIGHTS, ADAPTER_CONFIG   the standard PEFT layout: PeftModel.from_pretrained(base, "v<N>") and
+                                    vLLM's LoRA loader read the directory as is
+  VALUE_HEAD_WEIGHTS                the critic, trained with the adapter
+  LEARNER_STATE                     optimizer, KL controller, reward and length statistics, and the trained
+                                    weights theta when the adapter file holds their Polyak average
+                                    (learner/average.py)
+  MANIFEST                          `AdapterManifest`, written last by the store
 """
 
 from __future__ import annotations
@@ -22,18 +22,20 @@ from safetensors.torch import save_file
 
 from learner.average import load_trained_weights, lora_parameters
 from learner.config import LearnerSettings
-from learner.policy import ADAPTER_NAME, VALUE_HEAD_FILE, Policy, resolve_device, resolve_precision
-from learner.store import AdapterStore
+from learner.policy import ADAPTER_NAME, Policy, resolve_device, resolve_precision
 from learner.update import LearnerState, finite
-from thumbtune.base_model import LoadedBase
-from thumbtune.contract import AdapterManifest
-from thumbtune.settings import Settings
+from thumbtune.core.base_model import LoadedBase
+from thumbtune.core.contract import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LEARNER_STATE,
+    VALUE_HEAD_WEIGHTS,
+    AdapterManifest,
+)
+from thumbtune.core.settings import Settings
+from thumbtune.core.store import AdapterStore
 
 log = logging.getLogger(__name__)
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-LEARNER_STATE_FILE = "learner_state.pt"
 
 
 def save_version(
@@ -53,7 +55,7 @@ def save_version(
     version = store.next_version()
 
     def write(tmp: Path) -> None:
-        torch.save(state.state_dict(), tmp / LEARNER_STATE_FILE)  # first: it holds theta, not the average
+        torch.save(state.state_dict(), tmp / LEARNER_STATE)  # first: it holds theta, not the average
         with state.average.published() if state.average else nullcontext():
             policy.model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card: not part of the adapter
@@ -61,7 +63,7 @@ def save_version(
             raise RuntimeError(f"peft did not write {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} at the top of {tmp}")
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
-            str(tmp / VALUE_HEAD_FILE),
+            str(tmp / VALUE_HEAD_WEIGHTS),
         )
 
     manifest = AdapterManifest(
@@ -91,17 +93,13 @@ def load_latest(
     device = resolve_device(learner_settings.device)
     precision = resolve_precision(learner_settings.precision, device)
     log.info("training on %s in %s", device, f"{precision} autocast" if precision else "float32")
-    cfg = learner_settings.ppo_config()
     version = store.latest()
     if version is None:
         policy = Policy.fresh(
             base.model, settings, device, seed=learner_settings.seed, autocast_dtype=precision
         )
         log.info("adapter store %s is empty: training from the empty adapter v0", store)
-        state = LearnerState.create(
-            policy, cfg, learner_settings.weight_decay, learner_settings.seed, learner_settings.average_decay
-        )
-        return policy, state
+        return policy, LearnerState.create(policy, learner_settings, learner_settings.seed)
 
     manifest = store.read_manifest(version)
     if manifest.base_fingerprint != base.fingerprint:
@@ -116,10 +114,8 @@ def load_latest(
     directory = store.path(version)
     policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
     # the average (if any) starts from the stored adapter, which is the published w
-    state = LearnerState.create(
-        policy, cfg, learner_settings.weight_decay, learner_settings.seed, learner_settings.average_decay
-    )
-    state_file = directory / LEARNER_STATE_FILE
+    state = LearnerState.create(policy, learner_settings, learner_settings.seed)
+    state_file = directory / LEARNER_STATE
     if state_file.is_file():
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
         state.load_state_dict(saved)
@@ -129,7 +125,7 @@ def load_latest(
         log.warning(
             "%s has no %s: resuming its weights with a fresh optimizer and statistics",
             version,
-            LEARNER_STATE_FILE,
+            LEARNER_STATE,
         )
     log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
     return policy, state

@@ -1,51 +1,68 @@
-"""The learner's own settings, env prefix ``THUMBTUNE_LEARNER_``, and their mapping onto `PPOConfig`.
+"""The learner's configuration: one typed field per hyper-parameter, each with its meaning and its default.
 
-Shared facts (the model, the LoRA shape, the adapter store, Kafka) stay in `thumbtune.settings.Settings`,
-so the server and the learner cannot disagree on them; only what the learner alone uses lives here.
-The README's settings table lists these fields with their descriptions.
+`PPOConfig` is what one update does (learner/ppo.py, learner/update.py take it); `LearnerSettings` is the
+same fields plus the learner's batching and process settings, read from ``THUMBTUNE_LEARNER_<NAME>``.
+A `LearnerSettings` *is* a `PPOConfig`, so there is nothing to map and nothing to keep equal. The defaults
+are the product's, measured with `thumbtune bench loop` and `bench ablate` (docs/BENCHMARKS.md).
+
+Shared facts (the model, the LoRA shape, the adapter store, Kafka) stay in `thumbtune.core.settings`, so
+the server and the learner cannot disagree on them. The README's settings table lists these fields.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from learner.ppo import PPOConfig
 
+class PPOConfig(BaseModel):
+    """The hyper-parameters of one PPO update and of the adapter it publishes."""
 
-class LearnerSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="THUMBTUNE_LEARNER_", extra="ignore", env_parse_none_str="none"
+    model_config = ConfigDict(extra="forbid")
+
+    # --- PPO (Schulman et al. 2017; the LM form of Ziegler et al. 2019) --------------------------------
+    # lambda = 1 (as in OpenRLHF): a zero-initialised critic cannot carry the end-of-answer thumb back 30-50
+    # tokens (0.95^40 = 0.13 of it reached the first token); measured ~2x faster learning (docs/BENCHMARKS.md)
+    lam: float = Field(
+        1.0, ge=0, le=1, description="GAE lambda (gamma is fixed at 1: one score per response)."
+    )
+    # 1 epoch of minibatches of 4: the 8 optimizer steps per 32 events that 2 x 8 (run 4) and 4 x 16 took,
+    # each rating used once, at half 2 x 8's compute: ~48 s per update on one float32 core of an AVX2-only
+    # CPU, inside the 60 s feedback-to-live budget (docs/BENCHMARKS.md, runs 6 and 8)
+    epochs: int = Field(1, ge=1, description="Passes over each batch (PPO's K).")
+    minibatch_size: int = Field(4, ge=1, description="Responses per gradient step.")
+    # at 1e-4 the embedded model learnt nothing in 160 ratings (docs/BENCHMARKS.md)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA weights and the value head.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay (pulls the adapter toward the base)."
+    )
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the ratio pi_theta / pi_old.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the value update around V_old.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight c_v of the value loss.")
+    # 0 as in Ziegler et al. and InstructGPT: the KL penalty to pi_ref already keeps the policy from
+    # collapsing, and an entropy bonus over a ~50k-token vocabulary pushes probability onto junk tokens
+    ent_coef: float = Field(0.0, ge=0, description="Weight c_e of the entropy bonus (0 = none).")
+    is_clip_c: float = Field(
+        1.0, gt=0, description="Truncation c of the importance weights min(c, pi_old / pi_behaviour)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    early_stop_kl: float | None = Field(
+        0.1,
+        gt=0,
+        description="Skip an update's remaining epochs once approx-KL(pi_old || pi) passes this; "
+        "'none' = never.",
+    )
+    reward_clip: float = Field(
+        5.0, gt=0, description="Running-normalised user rewards are clipped to +-this."
     )
 
-    # --- batching -------------------------------------------------------------------------------
-    batch_size: int = Field(32, ge=1, description="Events per PPO update (one adapter version per update).")
-    min_batch: int = Field(
-        8, ge=1, description="Smallest batch trained on when max_wait_s passes or the input ends."
-    )
-    max_wait_s: float = Field(
-        60.0, gt=0, description="Train on a partial batch (>= min_batch) after this wait."
-    )
-    max_staleness: int = Field(
-        4, ge=0, description="Drop events served by an adapter over this many versions behind the learner."
-    )
-
-    # 0.5: each version moves the served policy by half of what its update found (docs/BENCHMARKS.md, run 8)
-    average_decay: float = Field(
-        0.5,
-        ge=0,
-        lt=1,
-        description="Publish the Polyak average w <- d*w + (1-d)*theta of the trained LoRA weights with this "
-        "decay d per version (learner/average.py); 0 = publish the trained weights themselves.",
-    )
-
-    # --- KL penalty to the reference (the base model, adapter off) --------------------------------
-    # Defaults measured with `thumbtune bench loop` on SmolLM2-135M (docs/BENCHMARKS.md): at lr 1e-4 nothing
-    # was learnt in 160 ratings; at lr 1e-3 with beta 0.05 approval passed 80% but capability collapsed
-    # once KL(pi || base) passed ~3 nats per answer; beta 0.3 kept it but approval settled at 50-70%
-    # (loop runs 5 and 6); beta 0.2 with the averaged adapter reached 74-88% with answers intact (run 8).
+    # --- KL penalty to the reference (the base model, adapter off) --------------------------------------
+    # At lr 1e-4 nothing was learnt in 160 ratings; at lr 1e-3 with beta 0.05 approval passed 80% but
+    # capability collapsed once KL(pi || base) passed ~3 nats per answer; beta 0.3 kept it but approval
+    # settled at 50-70% (loop runs 5 and 6); beta 0.2 with the averaged adapter reached 74-88% with answers
+    # intact (run 8).
     target_kl: float = Field(
         2.0, gt=0, description="Adaptive beta's target KL(pi || pi_ref), nats per response (sum over tokens)."
     )
@@ -64,7 +81,6 @@ class LearnerSettings(BaseSettings):
     kl_horizon: int = Field(
         10_000, ge=1, description="Adaptive controller horizon in responses (beta moves <= ~20% per horizon)."
     )
-
     kl_coef: float = Field(
         0.0,
         ge=0,
@@ -72,40 +88,37 @@ class LearnerSettings(BaseSettings):
         "beta penalty; 0 = the penalty alone.",
     )
 
-    # --- PPO ----------------------------------------------------------------------------------------
-    # lambda = 1: a zero-initialised critic cannot carry the end-of-answer thumb back 30-50 tokens
-    # (0.95^40 = 0.13 of it reached the first token); measured ~2x faster learning (docs/BENCHMARKS.md)
-    lam: float = Field(
-        1.0, ge=0, le=1, description="GAE lambda (gamma is fixed at 1: one score per response)."
-    )
-    # 1 epoch of minibatches of 4: the 8 optimizer steps per 32 events that 2 x 8 (run 4) and 4 x 16 took,
-    # each rating used once, at half 2 x 8's compute: ~48 s per update on one float32 core of an AVX2-only
-    # CPU, inside the 60 s feedback-to-live budget (docs/BENCHMARKS.md, runs 6 and 8)
-    epochs: int = Field(1, ge=1, description="Passes over each batch (PPO's K).")
-    minibatch_size: int = Field(4, ge=1, description="Responses per gradient step.")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA weights and the value head.")
-    weight_decay: float = Field(
-        0.0, ge=0, description="AdamW weight decay (pulls the adapter toward the base)."
-    )
-    clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the ratio pi_theta / pi_old.")
-    value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the value update around V_old.")
-    vf_coef: float = Field(0.1, ge=0, description="Weight c_v of the value loss.")
-    ent_coef: float = Field(0.0, ge=0, description="Weight c_e of the entropy bonus (0 = none).")
-    is_clip_c: float = Field(
-        1.0, gt=0, description="Truncation c of the importance weights min(c, pi_old / pi_behaviour)."
-    )
-    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    early_stop_kl: float | None = Field(
-        0.1,
-        gt=0,
-        description="Skip an update's remaining epochs once approx-KL(pi_old || pi) passes this; "
-        "'none' = never.",
-    )
-    reward_clip: float = Field(
-        5.0, gt=0, description="Running-normalised user rewards are clipped to +-this."
+    # --- what is published ------------------------------------------------------------------------------
+    # 0.5: each version moves the served policy by half of what its update found (docs/BENCHMARKS.md, run 8)
+    average_decay: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Publish the Polyak average w <- d*w + (1-d)*theta of the trained LoRA weights with this "
+        "decay d per version (learner/average.py); 0 = publish the trained weights themselves.",
     )
 
-    # --- process ----------------------------------------------------------------------------------------
+
+class LearnerSettings(PPOConfig, BaseSettings):
+    """`PPOConfig` plus how the learner batches events and runs, from ``THUMBTUNE_LEARNER_*``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="THUMBTUNE_LEARNER_", extra="ignore", env_parse_none_str="none"
+    )
+
+    # --- batching -----------------------------------------------------------------------------------------
+    batch_size: int = Field(32, ge=1, description="Events per PPO update (one adapter version per update).")
+    min_batch: int = Field(
+        8, ge=1, description="Smallest batch trained on when max_wait_s passes or the input ends."
+    )
+    max_wait_s: float = Field(
+        60.0, gt=0, description="Train on a partial batch (>= min_batch) after this wait."
+    )
+    max_staleness: int = Field(
+        4, ge=0, description="Drop events served by an adapter over this many versions behind the learner."
+    )
+
+    # --- process ------------------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")
     precision: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
@@ -124,27 +137,3 @@ class LearnerSettings(BaseSettings):
         "(the consumer's max_poll_interval_ms).",
     )
     seed: int = Field(0, description="Seed of the LoRA init and the minibatch shuffling.")
-
-    def ppo_config(self) -> PPOConfig:
-        """The PPO hyper-parameters as the pure math in learner/ppo.py takes them."""
-        return PPOConfig(
-            clip_eps=self.clip_eps,
-            value_clip_eps=self.value_clip_eps,
-            vf_coef=self.vf_coef,
-            ent_coef=self.ent_coef,
-            gamma=1.0,
-            lam=self.lam,
-            epochs=self.epochs,
-            minibatch_size=self.minibatch_size,
-            max_grad_norm=self.max_grad_norm,
-            lr=self.lr,
-            target_kl_early_stop=self.early_stop_kl,
-            kl_penalty=self.kl_penalty,
-            init_beta=self.fixed_beta if self.fixed_beta is not None else self.init_beta,
-            target_kl=self.target_kl,
-            kl_horizon=self.kl_horizon,
-            adaptive_kl=self.fixed_beta is None,
-            is_clip_c=self.is_clip_c,
-            reward_clip=self.reward_clip,
-            kl_coef=self.kl_coef,
-        )

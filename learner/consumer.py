@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+import torch
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
@@ -40,9 +41,9 @@ from learner.announce import Announcer, announce_latest_if_missing, announcement
 from learner.config import LearnerSettings
 from learner.progress import Progress
 from learner.trainer import Learner
-from thumbtune.broker import consumer_group_config, ensure_topics
-from thumbtune.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC, LEARNER_GROUP, FeedbackEvent
-from thumbtune.settings import Settings
+from thumbtune.core.contract import FEEDBACK_TOPIC, LEARNER_GROUP, FeedbackEvent
+from thumbtune.core.kafka import consumer_group_config, ensure_topics, make_consumer, topic_partitions
+from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,7 @@ class KafkaLearner:
         """Consume and train until `request_stop` (a signal) or ``stop_when()``; return versions written."""
         ls = self.learner_settings
         try:
-            ensure_topics(
-                self.settings.kafka_bootstrap_servers,
-                {
-                    FEEDBACK_TOPIC: self.settings.feedback_partitions,
-                    ADAPTERS_TOPIC: self.settings.adapters_partitions,
-                },
-            )
+            ensure_topics(self.settings.kafka_bootstrap_servers, topic_partitions(self.settings))
             self._with_retries(
                 "announce the newest version",
                 lambda: announce_latest_if_missing(self.settings, self.learner.store, self.announcer) or True,
@@ -194,17 +189,16 @@ class KafkaLearner:
         return self.versions
 
     def _subscribe(self) -> KafkaConsumer:
-        group = consumer_group_config(self.settings)
-        group["max_poll_interval_ms"] = max(
-            group["max_poll_interval_ms"], int(self.learner_settings.max_update_s * 1000)
+        poll_interval_ms = max(
+            consumer_group_config(self.settings)["max_poll_interval_ms"],
+            int(self.learner_settings.max_update_s * 1000),
         )
-        consumer = KafkaConsumer(  # ensure_topics has already said so clearly if no broker answers
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+        consumer = make_consumer(  # ensure_topics has already said so clearly if no broker answers
+            self.settings,
+            "thumbtune-learner",
             group_id=LEARNER_GROUP,
-            client_id="thumbtune-learner",
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
-            **group,
+            max_poll_interval_ms=poll_interval_ms,
         )
         self._consumer = consumer  # the listener seeks through it
         consumer.subscribe([FEEDBACK_TOPIC], listener=_SeekToManifest(self))
@@ -347,8 +341,6 @@ class KafkaLearner:
 
 def run_learner(settings: Settings, learner_settings: LearnerSettings) -> int:
     """`thumbtune learn`: serve /metrics, train until SIGINT/SIGTERM, exit 0."""
-    import torch
-
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     server = metrics.start_metrics_server(learner_settings.metrics_host, learner_settings.metrics_port)

@@ -21,11 +21,9 @@ from collections import Counter
 
 from pydantic import ValidationError
 
-from thumbtune.contract import BASE_VERSION, FeedbackEvent, version_number
+from thumbtune.core.contract import ADAPTER_OFF, BASE_VERSION, FeedbackEvent, version_number
 
 log = logging.getLogger(__name__)
-
-SERVED_BY_BASE = "base"
 
 
 def reason_code(reason: str) -> str:
@@ -52,7 +50,7 @@ def parse_event(raw: bytes | str) -> tuple[FeedbackEvent | None, str | None]:
 
 def served_version_number(adapter_version: str) -> int:
     """'v3' -> 3; 'base' (adapter off) -> 0, since the empty adapter v0 computes the base model."""
-    return version_number(BASE_VERSION if adapter_version == SERVED_BY_BASE else adapter_version)
+    return version_number(BASE_VERSION if adapter_version == ADAPTER_OFF else adapter_version)
 
 
 def validate_event(
@@ -109,20 +107,6 @@ def stale_reason(event: FeedbackEvent, current_version: str, max_staleness: int)
             "is this the adapter store the server used?"
         )
     return None
-
-
-def filter_stale(
-    events: list[FeedbackEvent], current_version: str, max_staleness: int
-) -> tuple[list[FeedbackEvent], list[tuple[FeedbackEvent, str]]]:
-    """Split ``events`` into (fresh enough, [(dropped event, reason)])."""
-    kept, dropped = [], []
-    for event in events:
-        reason = stale_reason(event, current_version, max_staleness)
-        if reason is None:
-            kept.append(event)
-        else:
-            dropped.append((event, reason))
-    return kept, dropped
 
 
 class SkipCounter:

@@ -1,42 +1,15 @@
-"""KL(pi || pi_ref): the estimators, the exact divergence, and the controllers of its coefficient beta.
+"""The controllers of beta, the coefficient of the reward's KL(pi || pi_ref) penalty.
 
 The reward's per-token penalty uses the k1 (or, by `PPOConfig.kl_penalty`, the k3) estimate at the sampled
-token (`learner.ppo.token_rewards`);
-the diagnostics report k3; the optional loss term (`PPOConfig.kl_coef`) uses `exact_kl` over the whole
-vocabulary. beta itself is steered by `AdaptiveKLController` (Ziegler et al. 2019) or held fixed.
+token (`learner.ppo.token_rewards`); the diagnostics report k3; the optional loss term (`PPOConfig.kl_coef`)
+uses the exact KL over the whole vocabulary. The estimators and the exact divergence are in
+thumbtune/core/divergence.py (the server's KL probe uses them too). beta itself is steered by
+`AdaptiveKLController` (Ziegler et al. 2019) or held fixed (`PPOConfig.fixed_beta`): `kl_controller`.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-
-def exact_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) at each position, summed over the whole vocabulary: sum_v p_v (log p_v - log q_v), [...].
-
-    ``log_p`` and ``log_q`` are log-distributions [..., V]. Unlike k1-k3 this is no estimate from the
-    sampled token: at a visited state it is the divergence itself, and its gradient pulls every
-    token's probability back toward the reference, not only the one that was sampled.
-    """
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-# KL(p || q) estimated from samples x ~ p with r = log q(x) - log p(x): http://joschu.net/blog/kl-approx.html
-def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
-    """k1 = -r: unbiased for KL(p || q), high variance, can be negative (http://joschu.net/blog/kl-approx.html)."""
-    return logp - logq
-
-
-def kl_k2(logp: Tensor, logq: Tensor) -> Tensor:
-    """k2 = r^2 / 2: biased for KL(p || q), low variance, >= 0 (http://joschu.net/blog/kl-approx.html)."""
-    return 0.5 * (logq - logp) ** 2
-
-
-def kl_k3(logp: Tensor, logq: Tensor) -> Tensor:
-    """k3 = (e^r - 1) - r: unbiased for KL(p || q), low variance, >= 0 (http://joschu.net/blog/kl-approx.html)."""
-    log_ratio = logq - logp
-    return torch.expm1(log_ratio) - log_ratio
+from learner.config import PPOConfig
 
 
 class AdaptiveKLController:
@@ -81,3 +54,10 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         pass
+
+
+def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
+    """beta held at ``fixed_beta``, or steered from ``init_beta`` toward ``target_kl``."""
+    if cfg.fixed_beta is not None:
+        return FixedKLController(cfg.fixed_beta)
+    return AdaptiveKLController(cfg.init_beta, cfg.target_kl, cfg.kl_horizon)

@@ -1,7 +1,9 @@
 """Prometheus metrics of the learner, served on its own ``/metrics`` (THUMBTUNE_LEARNER_METRICS_PORT).
 
-Names start with ``thumbtune_learner_`` so a dashboard can scrape the server and the learner into one
-Prometheus without clashes. Label sets are bounded: the only label is the drop reason, and reason codes
+They live in a registry of their own (`REGISTRY`, plus the process collectors), so the learner's
+``/metrics`` exports learner series only, whatever else its process imports. Names start with
+``thumbtune_learner_`` so a dashboard can scrape the server and the learner into one Prometheus without
+clashes. Label sets are bounded: the only label is the drop reason, and reason codes
 outside `DROP_REASONS` count as ``other`` (a producer sending garbage must not mint new series).
 
 Every diagnostic `learner.update.ppo_update` returns is a gauge holding the last update's value, so the
@@ -16,11 +18,26 @@ from collections import Counter as TallyCounter
 from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
-from thumbtune.contract import version_number
+from thumbtune.core.contract import version_number
 
 log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry()
+"""The learner's metrics (and the process's CPU, memory, GC and platform), nothing else."""
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
 
 DROP_REASONS = (
     "not_json",
@@ -40,37 +57,57 @@ DROP_REASONS = (
 """The reason codes learner/events.py and learner/trainer.py produce; anything else is ``other``."""
 
 EVENTS_CONSUMED = Counter(
-    "thumbtune_learner_events_consumed_total", "Feedback records read from Kafka (valid or not)."
+    "thumbtune_learner_events_consumed_total",
+    "Feedback records read from Kafka (valid or not).",
+    registry=REGISTRY,
 )
 EVENTS_DROPPED = Counter(
-    "thumbtune_learner_events_dropped_total", "Feedback records not trained on, by reason code.", ["reason"]
+    "thumbtune_learner_events_dropped_total",
+    "Feedback records not trained on, by reason code.",
+    ["reason"],
+    registry=REGISTRY,
 )
 for _reason in (*DROP_REASONS, "other"):  # zero from the start: a series born at 1 shows no increase()
     EVENTS_DROPPED.labels(reason=_reason)
-EVENTS_TRAINED = Counter("thumbtune_learner_events_trained_total", "Events that went into a version.")
+EVENTS_TRAINED = Counter(
+    "thumbtune_learner_events_trained_total", "Events that went into a version.", registry=REGISTRY
+)
 CONSUMER_LAG = Gauge(
     "thumbtune_learner_consumer_lag",
     "Feedback records not yet consumed: end offset - position, summed over the learner's partitions.",
+    registry=REGISTRY,
 )
-BUFFERED = Gauge("thumbtune_learner_buffered_events", "Admitted events waiting for the next update.")
+BUFFERED = Gauge(
+    "thumbtune_learner_buffered_events", "Admitted events waiting for the next update.", registry=REGISTRY
+)
 BATCH_SIZE = Histogram(
-    "thumbtune_learner_batch_size", "Events per update.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    "thumbtune_learner_batch_size",
+    "Events per update.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
 )
 UPDATE_DURATION = Histogram(
     "thumbtune_learner_update_duration_seconds",
     "One update: PPO epochs plus writing the version.",
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+    registry=REGISTRY,
 )
-VERSIONS = Counter("thumbtune_learner_versions_total", "Adapter versions written by this process.")
+VERSIONS = Counter(
+    "thumbtune_learner_versions_total", "Adapter versions written by this process.", registry=REGISTRY
+)
 ANNOUNCEMENTS = Counter(
     "thumbtune_learner_announcements_total",
     "Versions announced on thumbtune.adapters (re-announcements too).",
+    registry=REGISTRY,
 )
 COMMIT_FAILURES = Counter(
     "thumbtune_learner_commit_failures_total",
     "Offset commits that failed (harmless: manifests hold offsets).",
+    registry=REGISTRY,
 )
-CURRENT_VERSION = Gauge("thumbtune_learner_current_version", "N of the adapter version v<N> in memory.")
+CURRENT_VERSION = Gauge(
+    "thumbtune_learner_current_version", "N of the adapter version v<N> in memory.", registry=REGISTRY
+)
 
 DIAGNOSTICS: dict[str, tuple[str, str]] = {
     # ppo_update's name -> (metric name suffix, help)
@@ -105,7 +142,8 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
     ),
 }
 _DIAGNOSTIC_GAUGES = {
-    name: Gauge(f"thumbtune_learner_{suffix}", help_) for name, (suffix, help_) in DIAGNOSTICS.items()
+    name: Gauge(f"thumbtune_learner_{suffix}", help_, registry=REGISTRY)
+    for name, (suffix, help_) in DIAGNOSTICS.items()
 }
 
 
@@ -147,7 +185,7 @@ def start_metrics_server(host: str, port: int) -> WSGIServer | None:
     if port == 0:
         return None
     try:
-        server, _thread = start_http_server(port, addr=host)
+        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
     except OSError as exc:
         raise RuntimeError(
             f"cannot serve the learner's /metrics on {host}:{port} ({exc.strerror}); set "

@@ -29,14 +29,13 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from learner.ppo import entropy_from_logits, logprobs_from_logits
-from service.engine.adapters import lora_config
-from thumbtune.contract import BASE_VERSION, FeedbackEvent
-from thumbtune.settings import Settings
+from thumbtune.core.contract import BASE_VERSION, VALUE_HEAD_WEIGHTS, FeedbackEvent
+from thumbtune.core.lora import lora_config
+from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -217,7 +216,7 @@ class Policy:
         )
         _warn_if_lora_differs(model.peft_config[ADAPTER_NAME], lora_config(settings), version)
         value_head = ValueHead(base_model.config.hidden_size)
-        value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
+        value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_WEIGHTS)))
         return cls(model, value_head, version, device, autocast_dtype)
 
     def parameters(self) -> list[nn.Parameter]:

@@ -9,70 +9,23 @@ Policies: pi_theta is optimised; pi_old is pi_theta before this update; pi_b (be
 version that served the answer; pi_ref is the base model (adapter off). Per-token tensors are [B, T] over
 the response tokens, right-padded, with a float ``mask`` [B, T]: 1 on response tokens, 0 on (finite,
 e.g. 0) padding. Forward passes, batching, optimisers and checkpoints live in the learner loop, not here;
-the KL estimators and the beta controllers live in learner/kl.py.
+the hyper-parameters in learner/config.py (`PPOConfig`), the KL estimators in thumbtune/core/divergence.py
+and the beta controllers in learner/kl.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from learner.kl import kl_k1, kl_k3
+from learner.config import PPOConfig
+from thumbtune.core.divergence import kl_k1, kl_k3
 
 KL_PENALTY_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 """The per-token estimates of KL(pi_old || pi_ref) the reward's penalty may use (`PPOConfig.kl_penalty`)."""
-
-
-@dataclass
-class PPOConfig:
-    """The hyper-parameters of one update. The defaults are the product's (learner/config.py maps the
-    THUMBTUNE_LEARNER_* settings onto these; a test keeps the two equal), measured in docs/BENCHMARKS.md."""
-
-    clip_eps: float = 0.2
-    """epsilon of the clipped surrogate: the ratio pi_theta / pi_old is clipped to [1 - eps, 1 + eps]"""
-    value_clip_eps: float = 0.2
-    """the new value may move this far from V_old before its loss term is clipped"""
-    vf_coef: float = 0.1
-    """c_v, weight of the value loss in the total loss"""
-    # 0 as in Ziegler et al. and InstructGPT: the KL penalty to pi_ref already keeps the policy from
-    # collapsing, and an entropy bonus over a ~150k-token vocabulary pushes probability onto junk tokens.
-    ent_coef: float = 0.0
-    """c_e, weight of the entropy bonus (0: no bonus, see the comment above)"""
-    gamma: float = 1.0
-    """discount over response tokens; 1 because the only score arrives at the end"""
-    lam: float = 1.0
-    """lambda of GAE, the bias/variance trade-off of the advantage estimate; 1 (as in OpenRLHF): the only
-    score arrives at the end, and with lambda < 1 the early tokens see it only through a young critic"""
-    epochs: int = 1
-    """passes over each batch of events (PPO's K)"""
-    minibatch_size: int = 4
-    """sequences per gradient step"""
-    max_grad_norm: float = 1.0
-    """global gradient-norm clip"""
-    lr: float = 1e-3
-    """Adam learning rate of the LoRA parameters (at 1e-4 the embedded model learnt nothing in 160 ratings)"""
-    target_kl_early_stop: float | None = 0.1
-    """skip the remaining epochs once per-token approx-KL(pi_old || pi_theta) exceeds this; None: never"""
-    kl_penalty: str = "k1"
-    """the reward penalty's per-token KL estimator, "k1" or "k3" (`token_rewards`)"""
-    init_beta: float = 0.2
-    """initial beta, the per-token KL penalty coefficient (reward units per nat)"""
-    target_kl: float = 2.0
-    """target of the adaptive controller: KL(pi_old || pi_ref) in nats PER SEQUENCE (summed over tokens)"""
-    kl_horizon: int = 10000
-    """horizon of the adaptive controller in sequences: beta moves by at most ~20% per horizon"""
-    adaptive_kl: bool = True
-    """steer beta with AdaptiveKLController; False keeps it at init_beta"""
-    is_clip_c: float = 1.0
-    """truncation c of the importance weights pi_old / pi_b (IMPALA's rho-bar)"""
-    reward_clip: float = 5.0
-    """normalised scores are clipped to [-reward_clip, reward_clip]"""
-    kl_coef: float = 0.0
-    """c_kl, weight of the exact per-token KL(pi_theta || pi_ref) in the loss (0: the reward penalty alone)"""
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -118,7 +71,8 @@ def token_rewards(
 
         r_t = -beta * k(a_t | s_t) + [t = last valid token] * R
 
-    k estimates KL(pi_old || pi_ref) from the sampled token (learner/kl.py), with rho = pi_ref / pi_old:
+    k estimates KL(pi_old || pi_ref) from the sampled token (thumbtune/core/divergence.py), with
+    rho = pi_ref / pi_old:
     k1 = -log rho (Ziegler et al.; its sum over a response is `sequence_kl`, what `AdaptiveKLController`
     steers) or k3 = (rho - 1) - log rho (TRL's `kl_estimator="k3"`): the same expectation and never
     negative, but ~x^2 / 2 for a token the policy made e^x times likelier (k1: x), so it hardly holds back

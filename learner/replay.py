@@ -14,8 +14,8 @@ from pathlib import Path
 
 from learner.config import LearnerSettings
 from learner.trainer import Learner
-from thumbtune.contract import FeedbackEvent
-from thumbtune.settings import Settings
+from thumbtune.core.contract import FeedbackEvent
+from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

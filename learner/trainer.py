@@ -16,11 +16,11 @@ from learner.checkpoint import load_latest, save_version, trained_event_ids
 from learner.config import LearnerSettings
 from learner.events import SkipCounter, parse_event, stale_reason, validate_event
 from learner.policy import Batch
-from learner.store import AdapterStore, make_adapter_store
 from learner.update import ppo_update
-from thumbtune.base_model import LoadedBase, load_base
-from thumbtune.contract import FeedbackEvent
-from thumbtune.settings import Settings
+from thumbtune.core.base_model import LoadedBase, load_base
+from thumbtune.core.contract import FeedbackEvent
+from thumbtune.core.settings import Settings
+from thumbtune.core.store import AdapterStore, make_adapter_store
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ class Learner:
     ) -> None:
         self.settings = settings
         self.learner_settings = learner_settings
-        self.cfg = learner_settings.ppo_config()
         self.base = base if base is not None else load_base(settings)
         self.store = store if store is not None else make_adapter_store(settings.adapter_store_path)
         self.policy, self.state = load_latest(self.store, self.base, settings, learner_settings)
@@ -101,7 +100,7 @@ class Learner:
             log.warning("no fresh events left in the batch; no version written")
             return None
         batch = Batch.from_events(events, self.pad_id)
-        diagnostics = ppo_update(self.policy, batch, self.state, self.cfg)
+        diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings)
         if self.state.average is not None:
             diagnostics["average_gap"] = self.state.average.update()
         diagnostics |= {f"skipped.{code}": float(n) for code, n in self.skips.drain().items()}

@@ -34,15 +34,10 @@ import torch
 from torch import Tensor
 
 from learner.average import WeightAverage, lora_parameters, trained_weights
-from learner.kl import (
-    AdaptiveKLController,
-    FixedKLController,
-    exact_kl,
-    kl_k3,
-)
+from learner.config import PPOConfig
+from learner.kl import AdaptiveKLController, FixedKLController, kl_controller
 from learner.policy import Batch, Policy, PolicyOutput
 from learner.ppo import (
-    PPOConfig,
     RunningMoments,
     effective_sample_size,
     explained_variance,
@@ -54,6 +49,10 @@ from learner.ppo import (
     token_rewards,
     truncated_importance_weights,
 )
+from thumbtune.core.divergence import exact_kl, kl_k3
+
+GAMMA = 1.0
+"""No discount over a response's tokens: its one score arrives at the end."""
 
 
 @dataclass
@@ -72,26 +71,14 @@ class LearnerState:
     """The published Polyak average of the LoRA weights (learner/average.py); None: publish theta."""
 
     @classmethod
-    def create(
-        cls,
-        policy: Policy,
-        cfg: PPOConfig,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        average_decay: float = 0.0,
-    ) -> LearnerState:
-        """A fresh state; with ``average_decay`` > 0 the average starts at the policy's current weights."""
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=weight_decay)
-        if cfg.adaptive_kl:
-            controller: AdaptiveKLController | FixedKLController = AdaptiveKLController(
-                cfg.init_beta, cfg.target_kl, cfg.kl_horizon
-            )
-        else:
-            controller = FixedKLController(cfg.init_beta)
+    def create(cls, policy: Policy, cfg: PPOConfig, seed: int = 0) -> LearnerState:
+        """A fresh state; with ``cfg.average_decay`` > 0 the average starts at the policy's weights."""
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         generator = torch.Generator()
         generator.manual_seed(seed)
-        average = WeightAverage(lora_parameters(policy.model), average_decay) if average_decay > 0 else None
-        return cls(optimizer, controller, generator=generator, average=average)
+        decay = cfg.average_decay
+        average = WeightAverage(lora_parameters(policy.model), decay) if decay > 0 else None
+        return cls(optimizer, kl_controller(cfg), generator=generator, average=average)
 
     def state_dict(self) -> dict:
         return {
@@ -180,7 +167,7 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
     state.reward_moments.update(batch.scores)
     scores = state.reward_moments.normalize(batch.scores.float(), cfg.reward_clip)
     rewards = token_rewards(scores, old_logprobs, ref.logprobs, mask, beta, cfg.kl_penalty)
-    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    advantages, returns = gae(rewards, old_values, mask, GAMMA, cfg.lam)
     advantages = masked_whiten(advantages, mask)
     is_weights = truncated_importance_weights(
         old.tempered_logprobs, batch.behaviour_logprobs, mask, cfg.is_clip_c
@@ -229,7 +216,7 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
             stats["grad_norm"].append(float(grad_norm))
             epoch_kl.append(minibatch["approx_kl"])
         epochs_run += 1
-        if cfg.target_kl_early_stop is not None and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl_early_stop:
+        if cfg.early_stop_kl is not None and sum(epoch_kl) / len(epoch_kl) > cfg.early_stop_kl:
             early_stopped = True
             break
 

@@ -14,9 +14,7 @@ from service import errors
 from service.limits import GuardMiddleware
 from service.routers import admin, chat, feedback, health, models, page
 from service.runtime import Runtime, build_runtime
-from service.serving_chat import ChatService
-from service.serving_feedback import FeedbackService
-from thumbtune.settings import Settings
+from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +26,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or await anyio.to_thread.run_sync(build_runtime, settings)
-        app.state.runtime = rt
-        app.state.chat = ChatService(rt)
-        app.state.feedback = FeedbackService(rt)
+        app.state.runtime = rt  # what service.dependencies.get_runtime hands the routes
         try:
             yield
         finally:

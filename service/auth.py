@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import Request
+from fastapi import Depends, Request
 
+from service.dependencies import get_settings
 from service.errors import APIError
-from thumbtune.settings import Settings
+from thumbtune.core.settings import Settings
 
 
 def key_id(key: str) -> str:
@@ -22,9 +23,8 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def api_key_id(request: Request) -> str | None:
+def api_key_id(request: Request, settings: Settings = Depends(get_settings)) -> str | None:
     """Dependency: None when the server has no API keys, else the caller's key id (401 otherwise)."""
-    settings: Settings = request.app.state.settings
     if not settings.api_key_values:
         return None
     token = _bearer(request)
@@ -35,8 +35,7 @@ def api_key_id(request: Request) -> str | None:
     return key_id(token)
 
 
-def require_admin(request: Request) -> None:
-    settings: Settings = request.app.state.settings
+def require_admin(request: Request, settings: Settings = Depends(get_settings)) -> None:
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise APIError(
             403, "admin routes are disabled: set THUMBTUNE_ADMIN_TOKEN to enable them", code="admin_disabled"

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import threading
 
+import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
+
+REGISTRY = prometheus_client.REGISTRY
+"""The server's metrics: prometheus_client's default registry, with its process collectors (the learner's
+have a registry of their own, learner/metrics.py)."""
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)

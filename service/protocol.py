@@ -192,3 +192,78 @@ class FeedbackRequest(BaseModel):
 class FeedbackAccepted(BaseModel):
     status: Literal["accepted", "duplicate"]
     event_ids: list[str]
+
+
+# --- operators: GET /readyz and /admin/adapters ------------------------------------------------------------
+
+
+class Readiness(BaseModel):
+    """GET /readyz: ready when the model is loaded, the completion store answers, and feedback can be taken
+    (the broker is reachable, or the spool has room)."""
+
+    status: Literal["ready", "not ready", "starting"]
+    model: bool | None = Field(default=None, description="The engine thread is running.")
+    store: bool | None = Field(default=None, description="The completion store answers (Redis: a ping).")
+    broker: bool | None = Field(default=None, description="The last attempt to reach Kafka succeeded.")
+    spool_depth: int | None = Field(default=None, description="Ratings waiting in the spool for Kafka.")
+    spool_has_room: bool | None = None
+    adapter_version: str | None = Field(default=None, description="The live adapter version.")
+
+
+class AdapterVersionView(BaseModel):
+    """One version as this replica knows it: in the store, loaded, checked, live, rated."""
+
+    version: str
+    state: Literal["good", "refused", "unchecked"]
+    in_store: bool
+    loaded: bool
+    live: bool
+    pinned: bool
+    ratings: int = Field(description="Ratings this process received for answers of this version.")
+    approvals: int = Field(description="Of those, the ones with a positive reward.")
+    approval_rate: float | None
+    reason: str | None = Field(default=None, description="The check a refused version failed.")
+    message: str | None = None
+    kl_live: float | None = Field(default=None, description="KL(version || live) on the probe prompts.")
+    kl_base: float | None = Field(default=None, description="KL(version || base) on the probe prompts.")
+    checked_at: float | None = None
+
+
+class Refusal(BaseModel):
+    reason: str
+    message: str
+
+
+class KLBounds(BaseModel):
+    live: float
+    base: float
+    probe_prompts: int
+
+
+class FollowerView(BaseModel):
+    """The replica's thumbtune.adapters consumer."""
+
+    group_id: str
+    assigned: bool
+    announcements: int
+    last_error: str | None
+
+
+class AdaptersView(BaseModel):
+    """GET /admin/adapters, and the answer of every POST under it."""
+
+    live: str
+    pinned: str | None
+    following: bool = Field(description="New versions go live as they are announced (not pinned).")
+    loaded: list[str]
+    versions: list[AdapterVersionView]
+    refused: dict[str, Refusal]
+    kl_bounds: KLBounds
+    base_model: str
+    base_fingerprint: str
+    follower: FollowerView | None
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=2, max_length=32, description="An adapter version, e.g. 'v7'.")

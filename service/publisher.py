@@ -17,14 +17,14 @@ Delivery guarantees:
   dies between an ack and the delete, or a send's ack is lost and the row is re-sent by a new
   producer, Kafka gets it twice: consumers deduplicate on ``FeedbackEvent.event_id``.
 * Rows Kafka will never take (too large, invalid topic, not authorised) go to the spool's
-  ``dead_letter`` table with the error, so one bad row cannot block the rest.
+  ``dead_letter`` table with the error, so one bad row cannot block the rest. An event larger than
+  Kafka takes is refused before it is spooled (:class:`EventTooLarge`: the HTTP layer answers 413).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 import time
 from typing import Any, Self
@@ -40,10 +40,10 @@ from kafka.errors import (
 
 from service import metrics
 from service.spool import Row, Spool, SpoolFull
-from thumbtune.contract import FEEDBACK_TOPIC, FeedbackEvent
-from thumbtune.settings import Settings
+from thumbtune.core.kafka import bootstrap_servers, make_producer, reachable
+from thumbtune.core.settings import Settings
 
-__all__ = ["FeedbackPublisher", "SpoolFull"]
+__all__ = ["EventTooLarge", "FeedbackPublisher", "SpoolFull"]
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,8 @@ _POISON = (
 )
 
 
-def _reachable(servers: list[str], timeout: float = 0.5) -> bool:
-    """Whether any bootstrap server accepts a TCP connection.
-
-    Checked before building a KafkaProducer, whose constructor blocks for its whole bootstrap
-    timeout (and logs every refused retry) when nothing listens: with this, a down broker costs
-    one refused connect per retry and close() is not held up by a doomed bootstrap.
-    """
-    for server in servers:
-        host, _, port = server.rpartition(":") if ":" in server else (server, "", "9092")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-            return True
-        except (OSError, ValueError):
-            continue
-    return False
+class EventTooLarge(ValueError):
+    """An event larger than Kafka takes: it can never be delivered, so it is not spooled (answer 413)."""
 
 
 def _close_producer(producer: KafkaProducer, timeout: float) -> None:
@@ -101,16 +88,15 @@ class FeedbackPublisher:
     disk for the next start).
     """
 
-    def __init__(self, settings: Settings, topic: str = FEEDBACK_TOPIC) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.topic = topic
         self.spool = Spool(settings.spool_path, settings.spool_max_events)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer: KafkaProducer | None = None
         self._broker_up: bool | None = None  # None: not tried yet
-        self._bootstrap = [s.strip() for s in settings.kafka_bootstrap_servers.split(",") if s.strip()]
+        self._bootstrap = bootstrap_servers(settings.kafka_bootstrap_servers)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -161,17 +147,23 @@ class FeedbackPublisher:
 
     # --- the fast path -----------------------------------------------------------------------------
 
-    def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """Append one event to the spool for the drain thread to send. Never touches Kafka.
-
-        Raises SpoolFull when the spool holds ``spool_max_events`` or cannot be written, and
-        ValueError for an event larger than Kafka accepts (a caller error: answer 413).
-        """
+    @staticmethod
+    def check(key: bytes, value: bytes) -> None:
+        """Raise what `publish` would for this record before it touches the spool: EventTooLarge for an
+        event larger than Kafka accepts (answer 413), TypeError for anything but bytes."""
         if not isinstance(key, bytes) or not isinstance(value, bytes):
             raise TypeError("publish() takes bytes key and value; use FeedbackEvent.key() / to_bytes()")
         if len(key) + len(value) > _MAX_EVENT_BYTES:
             size = len(key) + len(value)
-            raise ValueError(f"event is {size} bytes; Kafka takes at most {_MAX_EVENT_BYTES}")
+            raise EventTooLarge(f"the event is {size} bytes; Kafka takes at most {_MAX_EVENT_BYTES}")
+
+    def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Append one event to the spool for the drain thread to send. Never touches Kafka.
+
+        Raises SpoolFull when the spool holds ``spool_max_events`` or cannot be written, and what
+        `check` raises.
+        """
+        self.check(key, value)
         try:
             self.spool.append(topic, key, value)
         except SpoolFull:
@@ -179,10 +171,6 @@ class FeedbackPublisher:
             raise
         metrics.SPOOL_DEPTH.set(self.spool.depth)
         self._wake.set()
-
-    def publish_event(self, event: FeedbackEvent) -> None:
-        """Publish a feedback event on this publisher's topic, keyed by its response id."""
-        self.publish(self.topic, event.key(), event.to_bytes())
 
     # --- observation -------------------------------------------------------------------------------
 
@@ -257,15 +245,15 @@ class FeedbackPublisher:
 
     def _connect(self) -> bool:
         """Create the producer; created lazily so a broker that is down at start costs nothing."""
-        if not _reachable(self._bootstrap):
+        if not reachable(self._bootstrap):
             self._set_broker_up(False)
             return False
         try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self._bootstrap,
-                client_id="thumbtune-feedback",
+            self._producer = make_producer(
+                self.settings,
+                "thumbtune-feedback",
                 acks="all",
-                # Idempotence works on Tansu 0.6 (measured, see thumbtune.broker): no duplicates from
+                # Idempotence works on Tansu 0.6 (measured, see thumbtune/cli/broker.py): no duplicates from
                 # the producer's own retries, and order kept with up to 5 requests in flight.
                 enable_idempotence=True,
                 retries=5,

@@ -1,6 +1,7 @@
-"""Everything a server process holds: model, engine, adapters, completion store, feedback publisher.
+"""Everything a server process holds: model, engine, adapters, model names, completion store, publisher.
 
-Built once at start-up (FastAPI lifespan) and reached by routes through ``request.app.state``.
+Built once at start-up (FastAPI lifespan); routes get it, and the services over it, through the
+dependencies in service/dependencies.py.
 """
 
 from __future__ import annotations
@@ -9,16 +10,17 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from service.adapter_follower import AdapterFollower
-from service.adapter_manager import AdapterManager
-from service.engine.adapters import BASE, AdapterRegistry, with_empty_adapter
+from service.adapters.follower import AdapterFollower
+from service.adapters.manager import AdapterManager
 from service.engine.engine import Engine
+from service.engine.registry import AdapterRegistry, with_empty_adapter
 from service.publisher import FeedbackPublisher
+from service.serving_models import ServingModels
 from service.store import CompletionStore, make_store
-from thumbtune.base_model import load_base
-from thumbtune.contract import Message
-from thumbtune.settings import Settings
+from thumbtune.core.base_model import load_base
+from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ class Runtime:
     settings: Settings
     engine: Engine
     adapters: AdapterRegistry
-    tokenizer: object
+    models: ServingModels
+    tokenizer: PreTrainedTokenizerBase
     store: CompletionStore
     publisher: FeedbackPublisher
     model_id: str
@@ -36,15 +39,6 @@ class Runtime:
     max_context: int
     adapter_manager: AdapterManager | None = None
     follower: AdapterFollower | None = None
-
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return list(ids)
-
-    def model_names(self) -> list[str]:
-        return ["thumbtune", *(f"thumbtune@{v}" for v in self.adapters.versions()), BASE]
 
     def close(self) -> None:
         if self.follower is not None:
@@ -70,7 +64,7 @@ def build_runtime(settings: Settings) -> Runtime:
     publisher = FeedbackPublisher(settings)
     engine.start()
     publisher.start()
-    manager = AdapterManager(settings, engine, adapters, base.tokenizer, base.fingerprint)
+    manager = AdapterManager(settings, engine, adapters, base)
     try:
         manager.start_up()
     except Exception:
@@ -89,6 +83,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings,
         engine,
         adapters,
+        ServingModels(adapters, base.model_id),
         base.tokenizer,
         store,
         publisher,

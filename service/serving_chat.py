@@ -2,6 +2,10 @@
 
 Every answer is stored (completion store) before the client sees its last byte, so a
 rating can follow immediately, from any replica when the store is Redis.
+
+A request is prepared (validated against the settings, its model resolved, its prompt encoded), then
+started (its sequences submitted to the engine: a refusal is a 503 before any byte is sent), then
+completed or streamed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from service import metrics
-from service.engine.adapters import BASE, UnknownAdapter
 from service.engine.engine import Sequence, TokenEvent
 from service.errors import APIError, error_body
 from service.protocol import (
@@ -31,9 +34,16 @@ from service.protocol import (
 )
 from service.runtime import Runtime
 from service.store import StoredCompletion
-from thumbtune.contract import Message, SamplingParams
+from thumbtune.core.chat import encode_chat
+from thumbtune.core.contract import Message, SamplingParams
 
-SERVED_NAME = "thumbtune"
+
+@dataclass
+class Running:
+    """A prepared request's sequences in the engine, and the queue their tokens arrive on."""
+
+    seqs: list[Sequence]
+    queue: asyncio.Queue
 
 
 @dataclass
@@ -59,25 +69,6 @@ class ChatService:
 
     # --- request -> prompt --------------------------------------------------------------------
 
-    def resolve_model(self, name: str) -> str:
-        """'thumbtune' -> live version, 'thumbtune@vN' -> vN if loaded, 'base' -> adapter off."""
-        try:
-            if name == SERVED_NAME:
-                return self.rt.adapters.resolve("")
-            if name == BASE:
-                return BASE
-            if name.startswith(SERVED_NAME + "@"):
-                return self.rt.adapters.resolve(name.split("@", 1)[1])
-        except UnknownAdapter:
-            pass
-        loaded = ", ".join(self.rt.model_names())
-        raise APIError(
-            404,
-            f"model {name!r} does not exist or is not loaded; available: {loaded}",
-            param="model",
-            code="model_not_found",
-        )
-
     def prepare(self, req: ChatCompletionRequest, key_id: str | None) -> Prepared:
         s = self.rt.settings
         if len(req.messages) > s.max_messages:
@@ -96,11 +87,11 @@ class ChatService:
                 param=param,
                 code="max_tokens_too_large",
             )
-        adapter = self.resolve_model(req.model)
+        adapter = self.rt.models.resolve(req.model)
         messages = [
             Message(role="system" if m.role == "developer" else m.role, content=m.text) for m in req.messages
         ]
-        prompt_ids = self.rt.encode_chat(messages)
+        prompt_ids = encode_chat(self.rt.tokenizer, messages)
         if len(prompt_ids) + max_tokens > self.rt.max_context:
             raise APIError(
                 400,
@@ -129,7 +120,8 @@ class ChatService:
 
     # --- running ---------------------------------------------------------------------------------
 
-    def _start(self, p: Prepared) -> tuple[list[Sequence], asyncio.Queue]:
+    def start(self, p: Prepared) -> Running:
+        """Submit the request's sequences; 503 when the engine refuses them (it is stopping)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
         seqs = []
@@ -146,9 +138,11 @@ class ChatService:
             for seq in seqs:
                 self.rt.engine.submit(seq)
         except RuntimeError as exc:
+            for seq in seqs:  # the ones already submitted, if any, stop at their next step
+                self.rt.engine.cancel(seq)
             raise APIError(503, f"server is not accepting requests: {exc}", code="unavailable") from exc
         metrics.IN_FLIGHT.inc()
-        return seqs, queue
+        return Running(seqs, queue)
 
     def _records(self, p: Prepared, seqs: list[Sequence]) -> list[StoredCompletion]:
         now = time.time()
@@ -185,7 +179,8 @@ class ChatService:
         )
 
     async def complete(self, req: ChatCompletionRequest, p: Prepared) -> ChatCompletion:
-        seqs, queue = self._start(p)
+        running = self.start(p)
+        seqs, queue = running.seqs, running.queue
         try:
             pending = len(seqs)
             while pending:
@@ -226,8 +221,9 @@ class ChatService:
             ),
         )
 
-    async def stream(self, req: ChatCompletionRequest, p: Prepared) -> AsyncIterator[str]:
-        seqs, queue = self._start(p)
+    async def stream(self, req: ChatCompletionRequest, p: Prepared, running: Running) -> AsyncIterator[str]:
+        """The SSE body of a started request (`start`)."""
+        seqs, queue = running.seqs, running.queue
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             body = ChatCompletionChunk(

@@ -15,12 +15,10 @@ import time
 from service import metrics
 from service.errors import APIError
 from service.protocol import FeedbackAccepted, FeedbackRequest
-from service.publisher import SpoolFull
+from service.publisher import EventTooLarge, SpoolFull
 from service.runtime import Runtime
 from service.store import StoredCompletion
-from thumbtune.contract import FEEDBACK_TOPIC, FeedbackEvent, FeedbackKind
-
-RETRY_AFTER_S = 30
+from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent, FeedbackKind
 
 
 def _rating_key(response_id: str, key_id: str | None) -> str:
@@ -89,6 +87,17 @@ class FeedbackService:
         self, events: list[FeedbackEvent], key_id: str | None
     ) -> tuple[FeedbackAccepted, int]:
         store = self.rt.store
+        encoded = [(ev.key(), ev.to_bytes()) for ev in events]
+        try:
+            for key, value in encoded:  # before anything is claimed or spooled
+                self.rt.publisher.check(key, value)
+        except EventTooLarge as exc:
+            raise APIError(
+                413,
+                f"this rating cannot be delivered: {exc}. The answer it rates (its conversation and "
+                "tokens) is too long for the feedback topic",
+                code="event_too_large",
+            ) from exc
         claimed: list[str] = []
         for ev in events:
             key = _rating_key(ev.response_id, key_id)
@@ -122,8 +131,8 @@ class FeedbackService:
                 code="already_rated",
             )
         try:
-            for ev in events:
-                self.rt.publisher.publish(FEEDBACK_TOPIC, ev.key(), ev.to_bytes())
+            for key, value in encoded:
+                self.rt.publisher.publish(FEEDBACK_TOPIC, key, value)
         except SpoolFull as exc:
             for k in claimed:
                 store.release_rating(k)
@@ -131,7 +140,7 @@ class FeedbackService:
                 503,
                 "feedback is queued faster than Kafka takes it; try again later",
                 code="feedback_backlog",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+                headers={"Retry-After": str(exc.retry_after_s)},
             ) from exc
         for ev in events:
             metrics.FEEDBACK.labels(ev.kind.value, str(ev.value), ev.adapter_version).inc()

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from thumbtune.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams, reward_for
-from thumbtune.settings import Settings
+from thumbtune.core.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams, reward_for
+from thumbtune.core.settings import Settings
 
 
 class StoredCompletion(BaseModel):

@@ -1,38 +1,51 @@
-"""Shared fixtures: a tiny random Llama with the real tokenizer, settings, a running app, a real broker.
+"""Shared fixtures: the tiny model, settings, running apps and servers, brokers, thread pinning.
 
-Most tests run on the tiny model (fast); tests marked `slow` use the real embedded model.
-The broker fixture (tests/broker_fixtures.py) starts one Tansu broker per session on a free port.
+Most tests run on a tiny random Llama with the real tokenizer (fast); tests marked `slow` use the real
+embedded model. Tests are arranged by kind (tests/README.md); the fixtures here serve them all, and a
+folder's conftest only changes what a kind needs (unit tests reach no broker).
 """
 
 from __future__ import annotations
 
-import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from tests.broker_fixtures import broker, consume_all  # noqa: F401 - re-exported fixtures
-from thumbtune.settings import Settings
+from service.app import create_app
+from tests.support import USER_CACHE
+from tests.support.kafka import ConsumeAll, own_broker, read_topic
+from thumbtune.cli.broker import EmbeddedBroker
+from thumbtune.cli.process import free_port
+from thumbtune.core.base_model import embedded_tokenizer_dir
+from thumbtune.core.kafka import ensure_topics, topic_partitions
+from thumbtune.core.settings import Settings
 
-USER_CACHE = Path(os.environ.get("THUMBTUNE_TEST_CACHE", "~/.cache/thumbtune")).expanduser()
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "feedback_partitions(n): partitions of thumbtune.feedback on the test's own `kafka`"
+    )
+
+
+# --- models -------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     """The embedded model's converted cache (built once per machine, ~20 s): its tokenizer is real."""
-    from thumbtune.base_model import embedded_tokenizer_dir
-
     return embedded_tokenizer_dir(Settings(cache_dir=USER_CACHE))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A 2-layer random Llama over SmolLM2's vocabulary, saved as an HF directory."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
@@ -60,15 +73,68 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 
 
 @pytest.fixture
-def settings_factory(tmp_path: Path, tiny_model_dir: Path, broker):  # noqa: ANN001, ANN201, F811
-    """Settings for a test server on the tiny model and the session broker; keyword overrides win."""
+def single_thread() -> Iterator[None]:
+    """One torch thread for the test: the tiny model's matmuls are too small for intra-op threads to pay,
+    and on 2 shared cores they cost 10x. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def own_rng() -> Iterator[None]:
+    """torch's global RNG as it was before the test, afterwards (for tests that seed it themselves)."""
+    with torch.random.fork_rng():
+        yield
+
+
+# --- Kafka --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """An embedded broker on a free port with thumbtune's topics, shared by the whole session."""
+    log_file = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(port=free_port(), log_file=log_file) as b:
+        ensure_topics(b.bootstrap, topic_partitions(Settings()))
+        yield b
+
+
+@pytest.fixture
+def kafka(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedBroker]:
+    """A broker of the test's own (`own_broker`): for tests that read whole topics or consume in a group
+    from the start. ``@pytest.mark.feedback_partitions(n)`` sets thumbtune.feedback's partitions (1)."""
+    marker = request.node.get_closest_marker("feedback_partitions")
+    with own_broker(tmp_path, feedback_partitions=marker.args[0] if marker else 1) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def consume_all() -> ConsumeAll:
+    """``consume_all(bootstrap, topic, expected, timeout=30)``: see `tests.support.kafka.read_topic`."""
+    return read_topic
+
+
+@pytest.fixture
+def kafka_bootstrap(broker: EmbeddedBroker) -> str:
+    """Where test servers publish ratings: the session broker (tests/unit/conftest.py: nowhere)."""
+    return broker.bootstrap
+
+
+# --- servers --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path, tiny_model_dir: Path, kafka_bootstrap: str):  # noqa: ANN201
+    """Settings for a test server on the tiny model; keyword overrides win."""
 
     def make(**overrides: object) -> Settings:
         values: dict = dict(
             model=str(tiny_model_dir),
             cache_dir=tmp_path / "cache",
             spool_dir=tmp_path / "spool",
-            kafka_bootstrap_servers=broker.bootstrap,
+            kafka_bootstrap_servers=kafka_bootstrap,
             max_context=512,
             max_tokens_cap=256,
             default_max_tokens=16,
@@ -83,10 +149,6 @@ def settings_factory(tmp_path: Path, tiny_model_dir: Path, broker):  # noqa: ANN
 @pytest.fixture
 def client_factory(settings_factory):  # noqa: ANN001, ANN201
     """Start an app (lifespan included) under a TestClient; everything is shut down after the test."""
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-
     clients: list[TestClient] = []
 
     def make(**overrides: object) -> TestClient:
@@ -109,16 +171,16 @@ class LiveServer:
     """uvicorn in a background thread on a free 127.0.0.1 port: a real HTTP server for real clients."""
 
     def __init__(self, app, port: int) -> None:  # noqa: ANN001
-        import uvicorn
-
+        self.app = app
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
 
-    def __enter__(self) -> LiveServer:
-        import threading
-        import time
+    @property
+    def runtime(self):  # noqa: ANN201 - service.runtime.Runtime, once started
+        return self.app.state.runtime
 
+    def __enter__(self) -> LiveServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 120
@@ -135,9 +197,6 @@ class LiveServer:
 
 @pytest.fixture
 def live_server_factory(settings_factory):  # noqa: ANN001, ANN201
-    from service.app import create_app
-    from thumbtune.broker import free_port
-
     servers: list[LiveServer] = []
 
     def make(**overrides: object) -> LiveServer:
@@ -148,13 +207,3 @@ def live_server_factory(settings_factory):  # noqa: ANN001, ANN201
     yield make
     for server in servers:
         server.__exit__(None, None, None)
-
-
-@pytest.fixture
-def single_thread() -> Iterator[None]:
-    """One torch thread for the test: the tiny model's matmuls are too small for intra-op threads to pay,
-    and on 2 shared cores they cost 10x. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

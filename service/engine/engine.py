@@ -30,10 +30,11 @@ from transformers import DynamicCache
 
 from service import metrics
 from service.engine import kv
-from service.engine.adapters import BASE, AdapterRegistry
+from service.engine.registry import AdapterRegistry
 from service.engine.sampling import make_generator, sample
 from service.engine.text import Detokenizer
-from thumbtune.contract import SamplingParams
+from thumbtune.core.chat import end_token_ids
+from thumbtune.core.contract import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,8 @@ class Engine:
         self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_context = max_context
-        ids = model.generation_config.eos_token_id if model.generation_config else None
-        self.eos_ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        self.eos_ids.add(tokenizer.eos_token_id)
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_ids = set(end_token_ids(model, tokenizer))
+        self._pad_id = tokenizer.pad_token_id
         self._waiting: deque[Sequence] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wakeup = threading.Condition()
@@ -146,10 +145,6 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def load(self) -> int:
-        return len(self._running) + len(self._waiting)
 
     # --- scheduler thread ------------------------------------------------------------------------
 
@@ -322,24 +317,3 @@ class Engine:
             finish = "stop"
         seq.finish_reason = finish
         seq.emit(TokenEvent(token, logprob, delta, finish))
-
-
-def run_to_completion(engine: Engine, seq: Sequence, timeout: float = 300.0) -> Sequence:
-    """Submit a sequence and block until it finishes (tests, benchmarks, probes)."""
-    done = threading.Event()
-    user_emit = seq.emit
-
-    def emit(event: TokenEvent) -> None:
-        user_emit(event)
-        if event.finish_reason is not None:
-            done.set()
-
-    seq.emit = emit
-    engine.submit(seq)
-    if not done.wait(timeout):
-        engine.cancel(seq)
-        raise TimeoutError("generation did not finish in time")
-    return seq
-
-
-BASE_ADAPTER = BASE

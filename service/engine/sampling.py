@@ -2,7 +2,7 @@
 
 Each row of a batch carries its own temperature, top-p and random generator. The log-prob
 recorded for the sampled token is taken from the tempered distribution *before* top-p
-truncation (see thumbtune.contract), so it is finite for every token and the learner can
+truncation (see thumbtune.core.contract), so it is finite for every token and the learner can
 reproduce it from its own logits and the request's temperature.
 """
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from service.auth import api_key_id
+from service.dependencies import get_feedback
 from service.protocol import FeedbackAccepted, FeedbackRequest
 from service.serving_feedback import FeedbackService
 
@@ -14,8 +15,9 @@ router = APIRouter()
 
 @router.post("/v1/feedback", response_model=FeedbackAccepted, status_code=202)
 def feedback(
-    body: FeedbackRequest, request: Request, key_id: str | None = Depends(api_key_id)
+    body: FeedbackRequest,
+    key_id: str | None = Depends(api_key_id),
+    service: FeedbackService = Depends(get_feedback),
 ) -> JSONResponse:
-    service: FeedbackService = request.app.state.feedback
     accepted, status = service.submit(body, key_id)
     return JSONResponse(accepted.model_dump(), status_code=status)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import metrics
+from service.dependencies import get_runtime_or_none
+from service.protocol import Readiness
+from service.runtime import Runtime
 
 router = APIRouter()
 
@@ -14,25 +19,28 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz(request: Request) -> JSONResponse:
-    """Ready when the model is loaded and feedback can be taken: broker reachable, or spooling with room."""
-    rt = getattr(request.app.state, "runtime", None)
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+def readyz(rt: Runtime | None = Depends(get_runtime_or_none)) -> JSONResponse:
+    """Ready when the model is loaded, the completion store answers (a rating needs the answer it rates),
+    and feedback can be taken: the broker reachable, or spooling with room."""
     if rt is None:
-        return JSONResponse({"status": "starting"}, status_code=503)
-    checks = {
-        "model": rt.engine.alive,
-        "broker": rt.publisher.broker_up,
-        "spool_depth": rt.publisher.depth(),
-        "spool_has_room": rt.publisher.depth() < rt.settings.spool_max_events,
-        "adapter_version": rt.adapters.live,
-    }
-    ready = checks["model"] and (checks["broker"] or checks["spool_has_room"])
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503
+        return JSONResponse(Readiness(status="starting").model_dump(exclude_none=True), status_code=503)
+    depth = rt.publisher.depth()
+    checks = Readiness(
+        status="not ready",
+        model=rt.engine.alive,
+        store=rt.store.ping(),
+        broker=rt.publisher.broker_up,
+        spool_depth=depth,
+        spool_has_room=depth < rt.settings.spool_max_events,
+        adapter_version=rt.adapters.live,
     )
+    ready = checks.model and checks.store and (checks.broker or checks.spool_has_room)
+    if ready:
+        checks.status = "ready"
+    return JSONResponse(checks.model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
 def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,148 @@
+"""`thumbtune bench ...`: the benchmarks' commands, registered by thumbtune.cli.main from a checkout.
+
+Each benchmark prints its figures, ratios side by side in one run; docs/BENCHMARKS.md records them with
+the exact commands. A benchmark's defaults are its documented configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from thumbtune.cli.configure import configure
+from thumbtune.cli.rules import RULE_HELP
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks that print their figures (from a checkout).")
+
+
+@app.command("serve")
+def bench_serve(
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+    requests_per_client: int = typer.Option(4, help="Requests each client sends per level."),
+    max_tokens: int = typer.Option(64, help="Tokens per answer."),
+) -> None:
+    """thumbtune vs a naive one-at-a-time server vs the raw batched-decode ceiling, at 1/4/16 clients."""
+    from benchmarks.serve import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    run(configure(), out=out, requests_per_client=requests_per_client, max_tokens=max_tokens)
+
+
+@app.command("learn")
+def bench_learn(
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+    repeats: int = typer.Option(3, min=1, help="Runs of each contender (interleaved); medians are reported."),
+    trl: bool = typer.Option(True, "--trl/--no-trl", help="Include TRL's GRPOTrainer (the bench extra)."),
+) -> None:
+    """PPO update throughput on 64 fixed rated answers: the learner vs the floor of any PPO update vs TRL."""
+    from benchmarks.learn import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    run(configure(), out=out, repeats=repeats, with_trl=trl)
+
+
+@app.command("ablate")
+def bench_ablate(
+    arm: list[str] = typer.Option(
+        ..., help="Learner overrides of one arm, e.g. 'lam=0.95' or 'lam=1.0,kl_coef=0.3' ('' = defaults)."
+    ),
+    rule: str = typer.Option("concise", help=RULE_HELP),
+    versions: int = typer.Option(24, min=1, help="PPO updates (adapter versions) per arm."),
+    batch_size: int = typer.Option(32, min=1, help="Rated answers per update."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of the sampled answers and the evaluation."),
+    eval_every: int = typer.Option(1_000_000, min=1, help="Evaluate every Nth version (always the last)."),
+    samples_per_prompt: int = typer.Option(2, min=1, help="Answers per held-out prompt in an evaluation."),
+    seed: int = typer.Option(1, help="Seed of the prompt draws and the evaluation."),
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """Learner settings side by side on the same simulated users (no server): approval, KL, capability."""
+    from benchmarks.ablate import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    try:
+        run(
+            configure(),
+            arm,
+            rule=rule,
+            versions=versions,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            eval_every=eval_every,
+            samples_per_prompt=samples_per_prompt,
+            seed=seed,
+            out=out,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command("kl-penalty")
+def bench_kl_penalty(
+    versions: list[str] = typer.Argument(..., help="Stored versions to measure, e.g. v10 v25 v40."),
+    store: Path = typer.Option(..., help="The adapter store holding them (e.g. bench-out/loop/adapters)."),
+    rule: str = typer.Option("concise", help=RULE_HELP),
+    answers: int = typer.Option(64, min=2, help="Answers sampled per version (training prompts)."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of the sampled answers."),
+    seed: int = typer.Option(1, help="Seed of the prompt draw and the sampling."),
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """Where the reward's KL penalty falls: per-answer k1, k3 and exact KL sums vs the rule's approval."""
+    from benchmarks.kl_penalty import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    try:
+        run(
+            configure(),
+            store,
+            versions,
+            rule=rule,
+            answers=answers,
+            max_tokens=max_tokens,
+            seed=seed,
+            out=out,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command("loop")
+def bench_loop(
+    rule: str = typer.Option("concise", help=RULE_HELP),
+    thumbs: int = typer.Option(1500, min=1, help="Ratings the simulated users send."),
+    out: Path = typer.Option(Path("artifacts/bench-loop"), help="Where results.json and learning.png go."),
+    url: str = typer.Option(None, help="Use a running server instead of starting the embedded system."),
+    adapter_store: str = typer.Option(
+        None, help="With --url: the store its learner writes (default the setting)."
+    ),
+    users: int = typer.Option(8, min=1, help="Concurrent simulated users."),
+    noise: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of flipping each rating."),
+    choice: bool = typer.Option(
+        False, "--choice", help="Users choose between two answers instead of thumbs."
+    ),
+    temperature: float = typer.Option(1.0, min=0.0, max=2.0, help="Sampling temperature of users and eval."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of users and eval."),
+    samples_per_prompt: int = typer.Option(2, min=1, help="Answers sampled per held-out prompt per version."),
+    eval_every: int = typer.Option(
+        1, min=1, help="Evaluate every Nth version (always the base and the last)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the users and the evaluation."),
+) -> None:
+    """The whole loop with simulated users: approval, KL, capability per version; results.json + plot."""
+    from benchmarks.loop import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    try:
+        run(
+            configure(),
+            rule=rule,
+            thumbs=thumbs,
+            out=out,
+            url=url,
+            adapter_store=adapter_store,
+            users=users,
+            noise=noise,
+            choice=choice,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            samples_per_prompt=samples_per_prompt,
+            eval_every=eval_every,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc

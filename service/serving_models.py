@@ -1,0 +1,61 @@
+"""Every model name this server answers to, what each resolves to, and `/v1/models` (the role of vLLM's
+``OpenAIServingModels``):
+
+    thumbtune         the live adapter version (what `thumbtune` means changes with every swap)
+    thumbtune@v<N>    a loaded version, by its immutable name
+    base              the adapter switched off
+"""
+
+from __future__ import annotations
+
+import time
+
+from service.engine.registry import BASE, AdapterRegistry, UnknownAdapter
+from service.errors import APIError
+from service.protocol import ModelCard, ModelList
+
+SERVED_NAME = "thumbtune"
+
+
+def version_name(version: str) -> str:
+    """'v3' -> 'thumbtune@v3'."""
+    return f"{SERVED_NAME}@{version}"
+
+
+class ServingModels:
+    def __init__(self, registry: AdapterRegistry, root: str) -> None:
+        self.registry = registry
+        self.root = root
+        """The base model's id (a model card's ``root``)."""
+
+    def names(self) -> list[str]:
+        """What a request's ``model`` may be right now: the live alias, each loaded version, the base."""
+        return [SERVED_NAME, *(version_name(v) for v in self.registry.versions()), BASE]
+
+    def resolve(self, name: str) -> str:
+        """The adapter a request for ``name`` runs on; 404 (OpenAI's model_not_found) for anything else."""
+        try:
+            if name == SERVED_NAME:
+                return self.registry.resolve("")
+            if name == BASE:
+                return BASE
+            if name.startswith(SERVED_NAME + "@"):
+                return self.registry.resolve(name.split("@", 1)[1])
+        except UnknownAdapter:
+            pass
+        raise APIError(
+            404,
+            f"model {name!r} does not exist or is not loaded; available: {', '.join(self.names())}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def list(self) -> ModelList:
+        now = int(time.time())
+        cards = [ModelCard(id=SERVED_NAME, created=now, root=self.root, adapter_version=self.registry.live)]
+        cards += [
+            ModelCard(id=version_name(v), created=now, root=self.root, adapter_version=v)
+            for v in self.registry.versions()
+        ]
+        cards.append(ModelCard(id=BASE, created=now, root=self.root, adapter_version=None))
+        return ModelList(data=cards)

@@ -1,0 +1,156 @@
+"""Ratings become events on a real broker, with everything the learner needs; auth and idempotency."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.api import USER, assert_openai_error, chat
+from thumbtune.core.chat import encode_chat
+from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent
+
+pytestmark = pytest.mark.broker
+
+
+def events_for(broker, consume_all, response_ids: set[str], expected: int) -> list[FeedbackEvent]:  # noqa: ANN001
+    """The feedback events on the session broker that concern these answers (the topic is shared)."""
+    records = consume_all(broker.bootstrap, FEEDBACK_TOPIC, expected=None, timeout=5)
+    events = [FeedbackEvent.from_bytes(r.value) for r in records]
+    mine = [e for e in events if e.response_id in response_ids]
+    assert len(mine) == expected, f"{len(mine)} events for {response_ids}, expected {expected}"
+    return mine
+
+
+def answer(client, **body) -> dict:  # noqa: ANN001
+    resp = chat(client, max_tokens=12, temperature=1.0, logprobs=True, **body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def flush(client) -> None:  # noqa: ANN001
+    assert client.app.state.runtime.publisher.flush(timeout=20)
+
+
+def test_thumb_event_carries_tokens_logprobs_and_version(client, broker, consume_all) -> None:  # noqa: ANN001
+    body = answer(client)
+    choice = body["choices"][0]
+    resp = client.post("/v1/feedback", json={"response_id": choice["response_id"], "thumb": "up"})
+    assert resp.status_code == 202 and resp.json()["status"] == "accepted"
+    flush(client)
+    (ev,) = events_for(broker, consume_all, {choice["response_id"]}, 1)
+    rt = client.app.state.runtime
+    assert ev.reward == 1.0 and ev.kind.value == "thumb" and ev.value == "up"
+    assert ev.event_id == resp.json()["event_ids"][0]
+    assert ev.adapter_version == "v0" and ev.base_fingerprint == rt.fingerprint
+    assert ev.messages[0].content == USER[0]["content"]
+    assert ev.prompt_token_ids == encode_chat(rt.tokenizer, ev.messages)
+    # Token ids and log-probs line up with the answer the user saw.
+    assert len(ev.response_token_ids) == body["usage"]["completion_tokens"] == len(ev.behaviour_logprobs)
+    assert ev.behaviour_logprobs == [t["logprob"] for t in choice["logprobs"]["content"]]
+    assert (
+        rt.tokenizer.decode(ev.response_token_ids, skip_special_tokens=True) == choice["message"]["content"]
+    )
+    assert ev.sampling.temperature == 1.0 and ev.sampling.max_tokens == 12
+    assert ev.finish_reason == choice["finish_reason"]
+
+
+@pytest.mark.parametrize(("rating", "reward"), [(1, -1.0), (2, -0.5), (3, 0.0), (4, 0.5), (5, 1.0)])
+def test_rating_maps_to_reward(client, broker, consume_all, rating: int, reward: float) -> None:  # noqa: ANN001
+    rid = answer(client)["id"]
+    resp = client.post("/v1/feedback", json={"response_id": rid, "rating": rating, "comment": "ok"})
+    assert resp.status_code == 202
+    flush(client)
+    (ev,) = events_for(broker, consume_all, {rid}, 1)
+    assert ev.reward == reward and ev.value == rating and ev.comment == "ok"
+
+
+def test_choice_between_two_answers_gives_plus_and_minus_one(client, broker, consume_all) -> None:  # noqa: ANN001
+    body = answer(client, n=2)
+    a, b = (c["response_id"] for c in body["choices"])
+    resp = client.post("/v1/feedback", json={"chosen": b, "rejected": a})
+    assert resp.status_code == 202 and len(resp.json()["event_ids"]) == 2
+    flush(client)
+    events = {e.response_id: e for e in events_for(broker, consume_all, {a, b}, 2)}
+    assert events[b].reward == 1.0 and events[b].value == "chosen" and events[b].paired_response_id == a
+    assert events[a].reward == -1.0 and events[a].value == "rejected" and events[a].paired_response_id == b
+
+
+def test_choice_needs_two_answers_to_the_same_prompt(client) -> None:  # noqa: ANN001
+    a = answer(client)["id"]
+    b = answer(client, messages=[{"role": "user", "content": "Something else."}])["id"]
+    assert_openai_error(client.post("/v1/feedback", json={"chosen": a, "rejected": b}), 400)
+    assert_openai_error(client.post("/v1/feedback", json={"chosen": a, "rejected": a}), 400)
+
+
+def test_repeat_rating_is_idempotent_and_published_once(client, broker, consume_all) -> None:  # noqa: ANN001
+    rid = answer(client)["id"]
+    first = client.post("/v1/feedback", json={"response_id": rid, "thumb": "down"})
+    again = client.post("/v1/feedback", json={"response_id": rid, "thumb": "down"})
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json() == {"status": "duplicate", "event_ids": first.json()["event_ids"]}
+    conflicting = client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"})
+    assert_openai_error(conflicting, 409)
+    flush(client)
+    events_for(broker, consume_all, {rid}, 1)
+
+
+def test_unknown_response_is_404(client) -> None:  # noqa: ANN001
+    err = assert_openai_error(
+        client.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "thumb": "up"}), 404
+    )
+    assert "chatcmpl-nope" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"response_id": "x"},
+        {"response_id": "x", "thumb": "sideways"},
+        {"response_id": "x", "rating": 6},
+        {"response_id": "x", "thumb": "up", "rating": 5},
+        {"chosen": "x"},
+        {"thumb": "up"},
+        {"response_id": "x", "thumb": "up", "extra": 1},
+    ],
+)
+def test_malformed_feedback_is_400(client, body: dict) -> None:  # noqa: ANN001
+    assert_openai_error(client.post("/v1/feedback", json=body), 400)
+
+
+def test_api_keys_guard_chat_and_feedback_and_keys_rate_only_their_answers(client_factory) -> None:  # noqa: ANN001
+    client = client_factory(api_keys="alice-key,bob-key")
+    assert_openai_error(chat(client), 401)
+    wrong = client.post(
+        "/v1/chat/completions",
+        json={"model": "thumbtune", "messages": USER},
+        headers={"Authorization": "Bearer wrong"},
+    )
+    assert_openai_error(wrong, 401)
+    alice = {"Authorization": "Bearer alice-key"}
+    bob = {"Authorization": "Bearer bob-key"}
+    rid = client.post(
+        "/v1/chat/completions", json={"model": "thumbtune", "messages": USER, "max_tokens": 4}, headers=alice
+    ).json()["id"]
+    assert_openai_error(client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}), 401)
+    assert_openai_error(
+        client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}, headers=bob), 404
+    )
+    assert (
+        client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}, headers=alice).status_code
+        == 202
+    )
+
+
+def test_admin_routes_refused_without_token_configured_and_need_it_when_set(client_factory) -> None:  # noqa: ANN001
+    assert_openai_error(client_factory().get("/admin/adapters"), 403)
+    client = client_factory(admin_token="s3cret")
+    assert_openai_error(client.get("/admin/adapters"), 401)
+    assert_openai_error(client.get("/admin/adapters", headers={"Authorization": "Bearer nope"}), 401)
+    ok = client.get("/admin/adapters", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["live"] == "v0"
+
+
+def test_feedback_metrics_count_by_kind_value_and_version(client) -> None:  # noqa: ANN001
+    rid = answer(client)["id"]
+    client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"})
+    text = client.get("/metrics").text
+    assert 'thumbtune_feedback_total{adapter_version="v0",kind="thumb",value="up"}' in text

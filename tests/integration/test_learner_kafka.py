@@ -1,0 +1,195 @@
+"""The Kafka learner (learner/consumer.py) in-process, on the tiny model and a broker of its own.
+
+Each test starts its own embedded broker: the session broker's thumbtune.feedback also carries other
+tests' events, and these tests count every record on the topic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kafka import KafkaAdminClient
+
+from learner.config import LearnerSettings
+from learner.consumer import KafkaLearner
+from learner.metrics import start_metrics_server
+from tests.support.kafka import produce, read_topic
+from tests.support.learner import make_events, records_of
+from thumbtune.cli.broker import EmbeddedBroker
+from thumbtune.cli.process import free_port
+from thumbtune.core.contract import (
+    ADAPTERS_TOPIC,
+    LEARNER_GROUP,
+    AdapterAnnouncement,
+)
+from thumbtune.core.settings import Settings
+from thumbtune.core.store import LocalAdapterStore
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.feedback_partitions(3),
+    pytest.mark.usefixtures("single_thread"),
+]
+
+
+def learner_settings(**overrides: object) -> LearnerSettings:
+    values: dict = {
+        "batch_size": 8,
+        "min_batch": 8,
+        "max_wait_s": 60,
+        "epochs": 1,
+        "minibatch_size": 8,
+        "max_staleness": 1000,
+        "metrics_port": 0,
+    }
+    return LearnerSettings(**(values | overrides))
+
+
+def until(condition: Callable[[], bool], timeout: float = 120) -> Callable[[], bool]:
+    """A ``stop_when`` for KafkaLearner.run that fails the test instead of hanging."""
+    deadline = time.monotonic() + timeout
+
+    def check() -> bool:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        return False
+
+    return check
+
+
+@pytest.fixture
+def settings(tiny_model_dir: Path, tmp_path: Path, kafka: EmbeddedBroker) -> Settings:
+    return Settings(
+        model=str(tiny_model_dir),
+        cache_dir=tmp_path / "cache",
+        adapter_store=str(tmp_path / "adapters"),
+        kafka_bootstrap_servers=kafka.bootstrap,
+    )
+
+
+def test_learner_trains_every_event_once_announces_each_version_and_serves_metrics(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    events = make_events(tiny_model_dir, tmp_path, 24, seed=1)
+    records = records_of(events)
+    records.insert(5, records[1])  # a producer retry: same event id, a later offset
+    records.insert(9, (b"garbage", b"{not json"))
+    produce(settings.kafka_bootstrap_servers, records)
+    port = free_port()
+    server = start_metrics_server("127.0.0.1", port)
+    assert server is not None
+    try:
+        loop = KafkaLearner(settings, learner_settings())
+        versions = loop.run(stop_when=until(lambda: len(loop.versions) >= 3))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        server.shutdown()
+
+    assert versions == ["v1", "v2", "v3"]
+    store = LocalAdapterStore(settings.adapter_store_path)
+    manifests = [store.read_manifest(v) for v in versions]
+    assert [m.parent for m in manifests] == ["v0", "v1", "v2"]
+    trained = [i for m in manifests for i in m.event_ids]
+    assert sorted(trained) == sorted(e.event_id for e in events)  # every event, each exactly once
+    assert all(store.verify(v) == [] for v in versions)
+    for older, newer in itertools.pairwise(manifests):  # offsets are cumulative, never go back
+        assert all(newer.offsets.get(k, -1) >= v for k, v in older.offsets.items())
+    assert sum(manifests[-1].offsets.values()) <= len(records)
+    assert loop.learner.skips.total == {"duplicate": 1, "not_json": 1}
+
+    announced = [
+        AdapterAnnouncement.from_bytes(r.value)
+        for r in read_topic(settings.kafka_bootstrap_servers, ADAPTERS_TOPIC, expected=3)
+    ]
+    assert [a.version for a in announced] == versions
+    for a, m in zip(announced, manifests, strict=True):
+        assert (a.sha256, a.parent, a.event_count, a.base_fingerprint) == (
+            m.sha256,
+            m.parent,
+            8,
+            m.base_fingerprint,
+        )
+        assert "kl_ref" in a.stats
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    try:  # commits follow the announcements: the group's offsets are the last version's
+        committed = admin.list_group_offsets(LEARNER_GROUP)[LEARNER_GROUP]
+    finally:
+        admin.close()
+    assert {f"{tp.topic}:{tp.partition}": o.offset for tp, o in committed.items()} == manifests[-1].offsets
+
+    for name in (
+        "events_consumed_total",
+        'events_dropped_total{reason="duplicate"}',
+        'events_dropped_total{reason="not_json"}',
+        "consumer_lag",
+        "buffered_events",
+        "batch_size_bucket",
+        "update_duration_seconds_bucket",
+        "versions_total",
+        "announcements_total",
+        "policy_loss",
+        "value_loss",
+        "entropy_nats",
+        "approx_kl",
+        "kl_ref_nats",
+        "beta",
+        "clip_fraction",
+        "explained_variance",
+        "mean_reward",
+        "is_effective_sample_size",
+        "response_length_drift_tokens",
+    ):
+        assert f"thumbtune_learner_{name}" in body, name
+    assert "thumbtune_learner_current_version 3.0" in body
+
+
+def test_a_restarted_learner_resumes_at_the_manifest_offsets_not_the_committed_ones(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = make_events(tiny_model_dir, tmp_path, 24, seed=2)
+    produce(settings.kafka_bootstrap_servers, records_of(events[:16]))
+    with monkeypatch.context() as m:  # as if it crashed before every commit
+        m.setattr(KafkaLearner, "_commit", lambda self, offsets: None)
+        first = KafkaLearner(settings, learner_settings())
+        assert first.run(stop_when=until(lambda: len(first.versions) >= 2)) == ["v1", "v2"]
+
+    produce(settings.kafka_bootstrap_servers, records_of(events[16:] + events[3:4]))  # + a late retry
+    second = KafkaLearner(settings, learner_settings())
+    assert second.run(stop_when=until(lambda: len(second.versions) >= 1)) == ["v3"]
+
+    store = LocalAdapterStore(settings.adapter_store_path)
+    assert sorted(store.read_manifest("v3").event_ids) == sorted(e.event_id for e in events[16:])
+    # It sought past everything v1 and v2 covered: the only duplicate it read is the late retry.
+    assert second.learner.skips.total == {"duplicate": 1}
+
+
+def test_a_stop_during_an_update_abandons_it_and_commits_nothing(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import learner.trainer
+
+    produce(settings.kafka_bootstrap_servers, records_of(make_events(tiny_model_dir, tmp_path, 8, seed=4)))
+    loop = KafkaLearner(settings, learner_settings())
+    real_update = learner.trainer.ppo_update
+
+    def update_interrupted_by_sigterm(*args: object, **kwargs: object) -> dict[str, float]:
+        loop.request_stop("SIGTERM")  # what the signal handler does; it raises inside an update
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(learner.trainer, "ppo_update", update_interrupted_by_sigterm)
+    assert loop.run(stop_when=until(lambda: False, timeout=60)) == []
+
+    assert LocalAdapterStore(settings.adapter_store_path).versions() == []
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    try:
+        assert admin.list_group_offsets(LEARNER_GROUP)[LEARNER_GROUP] == {}
+    finally:
+        admin.close()

@@ -1,0 +1,83 @@
+"""Kafka for the tests: a fast topic reader, a producer, and a broker of a test's own.
+
+The fixtures over these (the session broker, a test's own `kafka`) are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from thumbtune.cli.broker import EmbeddedBroker
+from thumbtune.cli.process import free_port
+from thumbtune.core.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC
+from thumbtune.core.kafka import ensure_topics
+
+ConsumeAll = Callable[..., list[ConsumerRecord]]
+"""The `consume_all` fixture: `read_topic`."""
+
+
+def read_topic(bootstrap: str, topic: str, expected: int | None, timeout: float = 30) -> list[ConsumerRecord]:
+    """Every record of ``topic`` from the beginning, by manual assignment (no group join, so fast).
+
+    Returns as soon as ``expected`` records arrived, or, with ``expected=None``, once it has read
+    up to the end offsets as they were when it started; otherwise whatever it has at ``timeout``.
+    Records are in arrival order, which is offset order within each partition.
+    """
+    deadline = time.monotonic() + timeout
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="thumbtune-tests",
+    )
+    try:
+        partitions = None
+        while not partitions and time.monotonic() < deadline:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                time.sleep(0.1)
+        if not partitions:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps) if expected is None else {}
+        records: list[ConsumerRecord] = []
+        while time.monotonic() < deadline:
+            if expected is not None and len(records) >= expected:
+                break
+            if expected is None and all(consumer.position(tp) >= ends[tp] for tp in tps):
+                break
+            for batch in consumer.poll(timeout_ms=100).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def own_broker(log_dir: Path, feedback_partitions: int = 1) -> Iterator[EmbeddedBroker]:
+    """A fresh broker of a test's own: empty thumbtune topics, no committed group offsets. For tests whose
+    consumer groups read a topic from the start (the session `broker` holds other tests' events). Tests
+    take it as the `kafka` fixture (tests/conftest.py)."""
+    with EmbeddedBroker(port=free_port(), log_file=log_dir / "tansu.log") as b:
+        ensure_topics(b.bootstrap, {FEEDBACK_TOPIC: feedback_partitions, ADAPTERS_TOPIC: 1})
+        yield b
+
+
+def produce(bootstrap: str, records: list[tuple[bytes, bytes]], topic: str = FEEDBACK_TOPIC) -> None:
+    """Send (key, value) records to ``topic`` and wait until the broker has them all."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for key, value in records:
+            producer.send(topic, key=key, value=value)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()

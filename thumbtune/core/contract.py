@@ -1,0 +1,206 @@
+"""The wire contract between the server and the learner.
+
+Everything that crosses Kafka or the adapter store is defined here and nowhere else: topic names,
+the feedback event, the adapter announcement, the adapter manifest and the file layout of a stored
+version. Both sides import this module; it depends on pydantic and the standard library only.
+
+Log-probs (``FeedbackEvent.behaviour_logprobs``)
+    For generated token ``a_t`` after context ``s_t`` the server records
+
+        log pi_b(a_t | s_t) = log_softmax(z_t / T)[a_t]
+
+    where ``z_t`` are the serving policy's logits and ``T`` is the request's temperature
+    (``T = 1`` when the request was greedy, ``temperature == 0``). This is the tempered
+    distribution *before* top-p truncation, so it is defined for every token and the
+    learner can form importance ratios ``pi_old / pi_b`` by scaling its own logits with
+    the same ``T`` (``SamplingParams.logprob_temperature``).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+FEEDBACK_TOPIC = "thumbtune.feedback"
+ADAPTERS_TOPIC = "thumbtune.adapters"
+TOPICS = (FEEDBACK_TOPIC, ADAPTERS_TOPIC)
+
+LEARNER_GROUP = "thumbtune-learner"
+BASE_VERSION = "v0"
+"""The version name of the empty (zero-initialised) adapter every deployment starts from."""
+ADAPTER_OFF = "base"
+"""``FeedbackEvent.adapter_version`` of an answer served with the adapter switched off: the base model,
+which is what the empty adapter v0 computes too."""
+
+# --- the adapter store: one immutable directory ``v<N>/`` per version ------------------------------
+MANIFEST = "manifest.json"
+"""`AdapterManifest` of the version, written last (a directory without it is not a version yet)."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""The LoRA weights, standard PEFT layout (``PeftModel.from_pretrained`` and vLLM read it as is)."""
+ADAPTER_CONFIG = "adapter_config.json"
+"""The PEFT ``LoraConfig`` of the weights."""
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"
+"""The learner's critic; servers do not read it."""
+LEARNER_STATE = "learner_state.pt"
+"""Optimizer, KL controller and statistics a resumed learner continues from; servers do not read it."""
+
+
+class FeedbackKind(str, Enum):
+    thumb = "thumb"
+    rating = "rating"
+    choice = "choice"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The T of the recorded log-probs: the request's temperature, 1 for greedy."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+def reward_for(kind: FeedbackKind, value: str | int) -> float:
+    """Map a user's feedback to a scalar reward in [-1, 1].
+
+    thumb: up -> +1, down -> -1; rating r in 1..5 -> (r - 3) / 2;
+    choice: the chosen answer -> +1, the rejected one -> -1.
+    """
+    if kind is FeedbackKind.thumb:
+        return {"up": 1.0, "down": -1.0}[str(value)]
+    if kind is FeedbackKind.rating:
+        return (int(value) - 3) / 2
+    return {"chosen": 1.0, "rejected": -1.0}[str(value)]
+
+
+class FeedbackEvent(BaseModel):
+    """One rated answer: what the learner needs to treat it as a (prompt, response, reward) sample.
+
+    Key on Kafka: ``response_id``. ``event_id`` is unique per rated answer and stable
+    across producer retries, so consumers deduplicate on it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    response_id: str
+    completion_id: str = Field(description="The chat.completion id; the choices of one request share it.")
+    api_key_id: str | None = Field(
+        description="sha256 prefix of the API key that got the answer; None without auth."
+    )
+    answered_at: float
+    rated_at: float
+    base_model: str
+    base_fingerprint: str
+    adapter_version: str = Field(
+        description="Adapter version that answered; 'base' when the adapter was off."
+    )
+    messages: list[Message]
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    behaviour_logprobs: list[float]
+    sampling: SamplingParams
+    finish_reason: Literal["stop", "length"]
+    kind: FeedbackKind
+    value: str | int
+    reward: float = Field(ge=-1.0, le=1.0)
+    comment: str | None = None
+    paired_response_id: str | None = Field(
+        default=None, description="For choice feedback: the other answer of the pair."
+    )
+
+    @model_validator(mode="after")
+    def _aligned(self) -> FeedbackEvent:
+        if len(self.response_token_ids) != len(self.behaviour_logprobs):
+            raise ValueError(
+                f"{len(self.response_token_ids)} response tokens but {len(self.behaviour_logprobs)} log-probs"
+            )
+        return self
+
+    def key(self) -> bytes:
+        return self.response_id.encode()
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FeedbackEvent:
+        return cls.model_validate_json(data)
+
+
+class AdapterAnnouncement(BaseModel):
+    """Published on ``thumbtune.adapters`` once a version is durable in the adapter store.
+
+    Servers find the version in the adapter store they are configured with, by its name. Fields this
+    schema does not know are ignored, so a server reads announcements from older and newer learners
+    alike (learners before this schema also sent a ``uri`` nobody read).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    version: str
+    parent: str | None
+    sha256: dict[str, str] = Field(description="File name -> sha256 of every file in the version.")
+    base_model: str
+    base_fingerprint: str
+    created_at: float
+    event_count: int
+    stats: dict[str, float] = Field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AdapterAnnouncement:
+        return cls.model_validate_json(data)
+
+
+class AdapterManifest(BaseModel):
+    """`MANIFEST` inside every adapter version directory ``v<N>/``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    version: str
+    parent: str | None
+    base_model: str
+    base_fingerprint: str
+    created_at: float
+    event_count: int
+    offsets: dict[str, int] = Field(
+        default_factory=dict, description="'topic:partition' -> next offset to consume after this version."
+    )
+    event_ids: list[str] = Field(
+        default_factory=list, description="Ids of the events this version trained on."
+    )
+    diagnostics: dict[str, float] = Field(default_factory=dict)
+    sha256: dict[str, str] = Field(default_factory=dict)
+
+
+def version_number(version: str) -> int:
+    """'v12' -> 12. Raises ValueError for anything that is not a version name."""
+    if not (version.startswith("v") and version[1:].isdigit()):
+        raise ValueError(f"not an adapter version name: {version!r} (expected v<N>)")
+    return int(version[1:])
+
+
+def dumps(obj: BaseModel) -> str:
+    return json.dumps(obj.model_dump(mode="json"), indent=2, sort_keys=True)
