@@ -31,7 +31,9 @@ run: install
 	@$(BIN)/thumbtune model
 	@exec $(BIN)/thumbtune up
 
+# The layers first (import-linter's contracts in pyproject.toml: docs/ARCHITECTURE.md), then the suite.
 test: install-test chromium prometheus
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The chat page's browser tests drive Debian's chromium (Playwright's own browser download is never used).
@@ -62,8 +64,9 @@ prometheus:
 	fi
 
 lint: install-test
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .import_linter_cache

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,22 +25,16 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 from benchmarks.common import CpuNoise, proc_status, worker_argv, worker_env
 from benchmarks.prompts import SERVE as PROMPTS
+from benchmarks.serve_report import LEVELS, NAIVE_LEVEL_BUDGET_S, console, report
 from thumbtune.cli.process import ChildProcess, free_port
 from thumbtune.core.settings import Settings
 
-LEVELS = (1, 4, 16)
 FEEDBACK_RATINGS = 300
 FEEDBACK_WARMUP = 5
-NAIVE_LEVEL_BUDGET_S = 90.0  # a naive level sends fewer requests past this (same work per request)
 READY_TIMEOUT_S = 300.0
-TARGETS = {"vs_naive_16": 3.0, "vs_ceiling_16": 0.70, "rss_gib": 1.5, "feedback_p99_ms": 5.0}
-
-console = Console()
 THUMBTUNE_SERVE = [sys.executable, "-m", "thumbtune.cli", "serve"]
 
 
@@ -237,157 +230,6 @@ def bench_server(server: ServerProcess, requests_per_client: int, max_tokens: in
     hwm = proc_status(server.pid, "VmHWM") or 0  # the kernel's peak RSS of the server process
     server.stop()
     return {"ready_s": ready_s, "levels": levels, "rss_peak_bytes": hwm, "feedback": feedback}
-
-
-def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float) -> dict:
-    table = Table(title=f"thumbtune bench serve: greedy chat completions, max_tokens={max_tokens}")
-    for col in (
-        "server",
-        "clients",
-        "requests",
-        "tokens",
-        "wall s",
-        "tok/s",
-        "p50 ms",
-        "p99 ms",
-        "errors",
-        "other CPU",
-    ):
-        table.add_column(col, justify="left" if col == "server" else "right")
-    for name, res in (("thumbtune", tt), ("naive", naive)):
-        for lv in res["levels"]:
-            table.add_row(
-                name,
-                str(lv.clients),
-                str(lv.requests),
-                str(lv.completion_tokens),
-                f"{lv.wall_s:.1f}",
-                f"{lv.tok_s:.1f}",
-                f"{lv.p50_ms:.0f}",
-                f"{lv.p99_ms:.0f}",
-                str(lv.errors),
-                f"{lv.other_cores:.2f}",
-            )
-        table.add_section()
-    for batch, c in ceiling["runs"].items():
-        table.add_row(
-            f"ceiling (batch {batch}, no server)",
-            batch,
-            "-",
-            str(c["batch"] * c["steps"]),
-            f"{c['prefill_s'] + c['decode_s']:.1f}",
-            f"{c['tok_s']:.1f}",
-            "-",
-            "-",
-            "-",
-            f"{ceiling['other_cores']:.2f}",
-        )
-    console.print(table)
-    noisy = max([ceiling["other_cores"]] + [lv.other_cores for r in (tt, naive) for lv in r["levels"]])
-    if noisy > 0.15:
-        console.print(
-            f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
-            f"{os.cpu_count()} cores busy (column 'other CPU'): those figures are noisy; "
-            "rerun when the machine is idle"
-        )
-
-    tt16 = {lv.clients: lv for lv in tt["levels"]}
-    nv16 = {lv.clients: lv for lv in naive["levels"]}
-    ceil16 = ceiling["runs"]["16"]
-    vs_naive = {c: tt16[c].tok_s / nv16[c].tok_s if nv16[c].tok_s else float("inf") for c in LEVELS}
-    vs_ceiling = tt16[16].tok_s / ceil16["tok_s"]
-    vs_decode_only = tt16[16].tok_s / (ceil16["decode_only_tok_s"] or float("nan"))
-    rss_gib = tt["rss_peak_bytes"] / 2**30
-    fb = tt["feedback"]
-    same = [
-        tt16[c].answers[i] == nv16[c].answers[i]
-        for c in LEVELS
-        for i in nv16[c].answers
-        if i in tt16[c].answers
-    ]
-
-    console.print(
-        f"ceiling decode-only (prefill excluded), batch 16: {ceil16['decode_only_tok_s']:.1f} "
-        f"tok/s; batch 1: {ceiling['runs']['1']['tok_s']:.1f} tok/s; "
-        f"torch threads {ceiling['threads']}"
-    )
-    console.print("thumbtune / naive tok/s: " + ", ".join(f"{c} clients {vs_naive[c]:.2f}x" for c in LEVELS))
-    console.print(
-        f"identical greedy answers, thumbtune vs naive (same prompt and level): {sum(same)}/{len(same)}"
-    )
-    console.print(
-        f"feedback: broker unreachable on purpose (broker_up={fb['broker_up']}), events spooled "
-        f"on disk (spool depth {fb['spool_depth']}); statuses {fb['statuses']}; "
-        f"{fb['warmup']} warm-up ratings not counted; max {fb['max_ms']:.2f} ms"
-    )
-    if any(lv.requests < nv16[1].requests * lv.clients for lv in naive["levels"][1:]):
-        console.print(
-            f"note: naive levels capped at ~{NAIVE_LEVEL_BUDGET_S:.0f} s of requests (fewer "
-            "requests per client, same work each; tok/s is a rate; naive p50/p99 at high "
-            "concurrency are then optimistic, since the queue never reaches steady state)"
-        )
-
-    targets = Table(title="targets")
-    for col in ("check", "measured", "target", ""):
-        targets.add_column(col)
-    checks = [
-        (
-            "thumbtune / naive, 16 clients",
-            f"{vs_naive[16]:.2f}x",
-            f">= {TARGETS['vs_naive_16']:.0f}x",
-            vs_naive[16] >= TARGETS["vs_naive_16"],
-        ),
-        (
-            "thumbtune / ceiling (batch 16), 16 clients",
-            f"{vs_ceiling:.0%} (decode-only {vs_decode_only:.0%})",
-            f">= {TARGETS['vs_ceiling_16']:.0%}",
-            vs_ceiling >= TARGETS["vs_ceiling_16"],
-        ),
-        (
-            "thumbtune server peak RSS (VmHWM)",
-            f"{rss_gib:.2f} GiB",
-            f"<= {TARGETS['rss_gib']} GiB",
-            rss_gib <= TARGETS["rss_gib"],
-        ),
-        (
-            "feedback p99 (p50)",
-            f"{fb['p99_ms']:.2f} ms ({fb['p50_ms']:.2f} ms)",
-            f"<= {TARGETS['feedback_p99_ms']:.0f} ms",
-            fb["p99_ms"] <= TARGETS["feedback_p99_ms"] and set(fb["statuses"]) == {202},
-        ),
-    ]
-    for name, measured, target, ok in checks:
-        targets.add_row(name, measured, target, "[green]PASS[/]" if ok else "[red]MISS[/]")
-    console.print(targets)
-    console.print(
-        f"naive server peak RSS {naive['rss_peak_bytes'] / 2**30:.2f} GiB; whole bench {elapsed:.0f} s"
-    )
-
-    return {
-        "max_tokens": max_tokens,
-        "levels": list(LEVELS),
-        "prompts": PROMPTS,
-        "elapsed_s": elapsed,
-        "thumbtune": {
-            "ready_s": tt["ready_s"],
-            "levels": [lv.row() for lv in tt["levels"]],
-            "rss_peak_bytes": tt["rss_peak_bytes"],
-            "feedback": fb,
-        },
-        "naive": {
-            "ready_s": naive["ready_s"],
-            "levels": [lv.row() for lv in naive["levels"]],
-            "rss_peak_bytes": naive["rss_peak_bytes"],
-        },
-        "ceiling": ceiling,
-        "ratios": {
-            "vs_naive": {str(c): v for c, v in vs_naive.items()},
-            "vs_ceiling_16": vs_ceiling,
-            "vs_ceiling_decode_only_16": vs_decode_only,
-            "identical_answers": [sum(same), len(same)],
-        },
-        "targets": {name: {"measured": m, "target": t, "pass": ok} for name, m, t, ok in checks},
-    }
 
 
 def _interrupt(signum: int, frame: object) -> None:

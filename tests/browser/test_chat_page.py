@@ -1,8 +1,7 @@
 """The chat page at / in a real headless Chromium, against a real server and the session broker.
 
-Playwright for Python drives Debian's chromium (``/usr/bin/chromium``; Playwright's own browser
-download is never used). Without either, every test here is skipped with a loud reason; `make test`
-installs both where it can. Screenshots go to artifacts/ (gitignored).
+Playwright for Python drives Debian's chromium (tests/browser/conftest.py); `make test` installs both where
+it can. Screenshots go to artifacts/ (gitignored).
 """
 
 from __future__ import annotations
@@ -10,138 +9,32 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.support import ROOT, USER_CACHE
-from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent
-
-try:
-    from playwright.sync_api import Page, expect, sync_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    sync_playwright = None
+from tests.support.browser import (
+    Page,
+    answers,
+    assert_controls_are_labelled,
+    assert_fits_phone_width,
+    expect,
+    focused,
+    open_page,
+    screenshot,
+    send,
+    tab_to,
+    wait_for_answers,
+)
+from tests.support.kafka import feedback_events
 
 pytestmark = pytest.mark.broker
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
-
-ARTIFACTS = ROOT / "artifacts"
-ANSWER_TIMEOUT_MS = 30_000
-DESKTOP = {"width": 1100, "height": 820}
-PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if sync_playwright is None:
-        pytest.skip(
-            "!!! CHAT PAGE BROWSER TESTS NOT RUN: the 'playwright' package is missing "
-            "(`make test` installs it; or .venv/bin/pip install playwright) !!!"
-        )
-    if not CHROMIUM.exists():
-        pytest.skip(
-            f"!!! CHAT PAGE BROWSER TESTS NOT RUN: {CHROMIUM} is missing "
-            "(`make test` installs it when it can; or as root: apt-get install -y chromium) !!!"
-        )
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    """A fresh browser context (empty localStorage); any uncaught JavaScript error fails the test."""
-    context = browser.new_context(viewport=DESKTOP, reduced_motion="reduce")
-    page = context.new_page()
-    page.set_default_timeout(ANSWER_TIMEOUT_MS)
-    js_errors: list[str] = []
-    page.on("pageerror", lambda exc: js_errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not js_errors, f"JavaScript errors on the page: {js_errors}"
-
-
-def open_page(page: Page, server) -> None:
-    page.goto(server.url + "/")
-    expect(page.locator("html[data-ready=true]")).to_have_count(1)
-    expect(page.get_by_role("heading", name="thumbtune")).to_be_visible()
-
-
-def answers(page: Page):
-    return page.locator("article.msg-assistant")
-
-
-def wait_for_answers(page: Page, done_total: int, timeout_ms: int = ANSWER_TIMEOUT_MS) -> None:
-    """Until `done_total` answers have finished streaming."""
-    expect(page.locator("article.msg-assistant[data-state=done]")).to_have_count(
-        done_total, timeout=timeout_ms
-    )
-
-
-def send(page: Page, text: str, done_total: int, timeout_ms: int = ANSWER_TIMEOUT_MS) -> None:
-    """Type a message, send it with the button and wait until `done_total` answers have finished."""
-    page.get_by_label("Message", exact=True).fill(text)
-    page.get_by_role("button", name="Send").click()
-    wait_for_answers(page, done_total, timeout_ms)
-
-
-def events_for(
-    server, broker, consume_all, response_ids: set[str], expected: int
-) -> dict[str, FeedbackEvent]:
-    """The events on the (shared) feedback topic for these answers, once the server has flushed them."""
-    assert server.runtime.publisher.flush(timeout=20)
-    deadline = time.monotonic() + 20
-    while True:
-        records = consume_all(broker.bootstrap, FEEDBACK_TOPIC, expected=None, timeout=5)
-        mine = [
-            e
-            for e in map(FeedbackEvent.from_bytes, (r.value for r in records))
-            if e.response_id in response_ids
-        ]
-        if len(mine) >= expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert len(mine) == expected, f"{len(mine)} events for {response_ids}, expected {expected}"
-    return {e.response_id: e for e in mine}
-
-
-def screenshot(page: Page, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    page.screenshot(path=str(path))
-    return path
-
-
-def assert_fits_phone_width(page: Page) -> None:
-    page.set_viewport_size(PHONE)
-    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-    assert overflow <= 0, f"the page scrolls sideways at {PHONE['width']} px ({overflow} px too wide)"
-
-
-def assert_controls_are_labelled(page: Page) -> None:
-    """Every visible button, input and textarea has an accessible name (checked in the page)."""
-    unnamed = page.evaluate("""() => [...document.querySelectorAll('button, input, textarea, select')]
-        .filter(el => el.getClientRects().length || el.closest('.switch, .star'))
-        .filter(el => !(el.getAttribute('aria-label') || el.labels?.length || el.textContent.trim()
-                        || el.getAttribute('aria-labelledby')))
-        .map(el => el.outerHTML.slice(0, 80))""")
-    assert unnamed == [], f"controls without a label: {unnamed}"
 
 
 def test_streamed_answers_thumb_up_multi_turn_and_screenshot(
     page: Page,
     live_server_factory,
     broker,
-    consume_all,
 ) -> None:
     server = live_server_factory()
     open_page(page, server)
@@ -163,7 +56,7 @@ def test_streamed_answers_thumb_up_multi_turn_and_screenshot(
 
     rid = second.get_attribute("data-response-id")
     assert rid and rid != first.get_attribute("data-response-id")
-    ev = events_for(server, broker, consume_all, {rid}, 1)[rid]
+    ev = feedback_events(server.runtime.publisher, broker.bootstrap, {rid}, 1)[rid]
     assert ev.reward == 1.0 and ev.kind.value == "thumb" and ev.value == "up"
     assert ev.adapter_version == "v0"
     assert [m.role for m in ev.messages] == ["user", "assistant", "user"]
@@ -183,7 +76,6 @@ def test_compare_mode_pick_the_better_of_two_streamed_answers(
     page: Page,
     live_server_factory,
     broker,
-    consume_all,
 ) -> None:
     server = live_server_factory()
     open_page(page, server)
@@ -202,7 +94,7 @@ def test_compare_mode_pick_the_better_of_two_streamed_answers(
     expect(turn.get_by_role("status")).to_contain_text("You preferred answer B")
     expect(turn.get_by_role("button", name="A is better")).to_be_disabled()
 
-    events = events_for(server, broker, consume_all, {rid_a, rid_b}, 2)
+    events = feedback_events(server.runtime.publisher, broker.bootstrap, {rid_a, rid_b}, 2)
     assert events[rid_b].reward == 1.0 and events[rid_b].value == "chosen"
     assert events[rid_a].reward == -1.0 and events[rid_a].value == "rejected"
     assert events[rid_b].paired_response_id == rid_a
@@ -211,21 +103,7 @@ def test_compare_mode_pick_the_better_of_two_streamed_answers(
     screenshot(page, "chat-page-compare-phone.png")
 
 
-def focused(page: Page) -> str:
-    """A short description of the focused element: its id or accessible label or text."""
-    return page.evaluate("""() => { const el = document.activeElement;
-        return el.id || el.getAttribute('aria-label') || el.textContent.trim() || el.tagName; }""")
-
-
-def tab_to(page: Page, target: str, key: str = "Tab", limit: int = 25) -> None:
-    for _ in range(limit):
-        if focused(page) == target:
-            return
-        page.keyboard.press(key)
-    raise AssertionError(f"{target!r} is not reachable with {key} (focus ended on {focused(page)!r})")
-
-
-def test_keyboard_only_thumbs_and_rating(page: Page, live_server_factory, broker, consume_all) -> None:
+def test_keyboard_only_thumbs_and_rating(page: Page, live_server_factory, broker) -> None:
     """No mouse: Tab to the message box, type, Enter; Shift+Tab back to the thumb; Space presses it."""
     server = live_server_factory()
     open_page(page, server)
@@ -262,7 +140,7 @@ def test_keyboard_only_thumbs_and_rating(page: Page, live_server_factory, broker
     expect(second.get_by_role("status")).to_contain_text("4 out of 5")
     rid2 = second.get_attribute("data-response-id")
 
-    events = events_for(server, broker, consume_all, {rid, rid2}, 2)
+    events = feedback_events(server.runtime.publisher, broker.bootstrap, {rid, rid2}, 2)
     assert events[rid].reward == 1.0 and events[rid].value == "up"
     assert events[rid2].reward == 0.5 and events[rid2].value == 4
     assert events[rid2].comment == "Clear, but a bit short."
@@ -272,7 +150,6 @@ def test_api_key_is_asked_for_kept_in_local_storage_and_used(
     page: Page,
     live_server_factory,
     broker,
-    consume_all,
 ) -> None:
     server = live_server_factory(api_keys="page-key")
     open_page(page, server)
@@ -299,7 +176,7 @@ def test_api_key_is_asked_for_kept_in_local_storage_and_used(
     answer.get_by_role("button", name="Bad answer").click()
     expect(answer.get_by_role("status")).to_contain_text("Thanks")
     rid = answer.get_attribute("data-response-id")
-    ev = events_for(server, broker, consume_all, {rid}, 1)[rid]
+    ev = feedback_events(server.runtime.publisher, broker.bootstrap, {rid}, 1)[rid]
     assert ev.reward == -1.0 and ev.value == "down" and ev.api_key_id is not None
 
 

@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.support.api import USER, assert_openai_error, chat
+from tests.support.kafka import feedback_events
 from thumbtune.core.chat import encode_chat
-from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent
 
 pytestmark = pytest.mark.broker
-
-
-def events_for(broker, consume_all, response_ids: set[str], expected: int) -> list[FeedbackEvent]:  # noqa: ANN001
-    """The feedback events on the session broker that concern these answers (the topic is shared)."""
-    records = consume_all(broker.bootstrap, FEEDBACK_TOPIC, expected=None, timeout=5)
-    events = [FeedbackEvent.from_bytes(r.value) for r in records]
-    mine = [e for e in events if e.response_id in response_ids]
-    assert len(mine) == expected, f"{len(mine)} events for {response_ids}, expected {expected}"
-    return mine
 
 
 def answer(client, **body) -> dict:  # noqa: ANN001
@@ -26,17 +17,17 @@ def answer(client, **body) -> dict:  # noqa: ANN001
     return resp.json()
 
 
-def flush(client) -> None:  # noqa: ANN001
-    assert client.app.state.runtime.publisher.flush(timeout=20)
+def events_of(client, broker, response_ids: set[str], expected: int) -> dict:  # noqa: ANN001
+    """This client's feedback events on the session broker, by response id (the topic is shared)."""
+    return feedback_events(client.app.state.runtime.publisher, broker.bootstrap, response_ids, expected)
 
 
-def test_thumb_event_carries_tokens_logprobs_and_version(client, broker, consume_all) -> None:  # noqa: ANN001
+def test_thumb_event_carries_tokens_logprobs_and_version(client, broker) -> None:  # noqa: ANN001
     body = answer(client)
     choice = body["choices"][0]
     resp = client.post("/v1/feedback", json={"response_id": choice["response_id"], "thumb": "up"})
     assert resp.status_code == 202 and resp.json()["status"] == "accepted"
-    flush(client)
-    (ev,) = events_for(broker, consume_all, {choice["response_id"]}, 1)
+    (ev,) = events_of(client, broker, {choice["response_id"]}, 1).values()
     rt = client.app.state.runtime
     assert ev.reward == 1.0 and ev.kind.value == "thumb" and ev.value == "up"
     assert ev.event_id == resp.json()["event_ids"][0]
@@ -54,22 +45,20 @@ def test_thumb_event_carries_tokens_logprobs_and_version(client, broker, consume
 
 
 @pytest.mark.parametrize(("rating", "reward"), [(1, -1.0), (2, -0.5), (3, 0.0), (4, 0.5), (5, 1.0)])
-def test_rating_maps_to_reward(client, broker, consume_all, rating: int, reward: float) -> None:  # noqa: ANN001
+def test_rating_maps_to_reward(client, broker, rating: int, reward: float) -> None:  # noqa: ANN001
     rid = answer(client)["id"]
     resp = client.post("/v1/feedback", json={"response_id": rid, "rating": rating, "comment": "ok"})
     assert resp.status_code == 202
-    flush(client)
-    (ev,) = events_for(broker, consume_all, {rid}, 1)
+    (ev,) = events_of(client, broker, {rid}, 1).values()
     assert ev.reward == reward and ev.value == rating and ev.comment == "ok"
 
 
-def test_choice_between_two_answers_gives_plus_and_minus_one(client, broker, consume_all) -> None:  # noqa: ANN001
+def test_choice_between_two_answers_gives_plus_and_minus_one(client, broker) -> None:  # noqa: ANN001
     body = answer(client, n=2)
     a, b = (c["response_id"] for c in body["choices"])
     resp = client.post("/v1/feedback", json={"chosen": b, "rejected": a})
     assert resp.status_code == 202 and len(resp.json()["event_ids"]) == 2
-    flush(client)
-    events = {e.response_id: e for e in events_for(broker, consume_all, {a, b}, 2)}
+    events = events_of(client, broker, {a, b}, 2)
     assert events[b].reward == 1.0 and events[b].value == "chosen" and events[b].paired_response_id == a
     assert events[a].reward == -1.0 and events[a].value == "rejected" and events[a].paired_response_id == b
 
@@ -81,7 +70,7 @@ def test_choice_needs_two_answers_to_the_same_prompt(client) -> None:  # noqa: A
     assert_openai_error(client.post("/v1/feedback", json={"chosen": a, "rejected": a}), 400)
 
 
-def test_repeat_rating_is_idempotent_and_published_once(client, broker, consume_all) -> None:  # noqa: ANN001
+def test_repeat_rating_is_idempotent_and_published_once(client, broker) -> None:  # noqa: ANN001
     rid = answer(client)["id"]
     first = client.post("/v1/feedback", json={"response_id": rid, "thumb": "down"})
     again = client.post("/v1/feedback", json={"response_id": rid, "thumb": "down"})
@@ -89,8 +78,7 @@ def test_repeat_rating_is_idempotent_and_published_once(client, broker, consume_
     assert again.json() == {"status": "duplicate", "event_ids": first.json()["event_ids"]}
     conflicting = client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"})
     assert_openai_error(conflicting, 409)
-    flush(client)
-    events_for(broker, consume_all, {rid}, 1)
+    events_of(client, broker, {rid}, 1)
 
 
 def test_unknown_response_is_404(client) -> None:  # noqa: ANN001

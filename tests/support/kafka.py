@@ -13,9 +13,10 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
+from service.publisher import FeedbackPublisher
 from thumbtune.cli.broker import EmbeddedBroker
 from thumbtune.cli.process import free_port
-from thumbtune.core.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC
+from thumbtune.core.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC, FeedbackEvent
 from thumbtune.core.kafka import ensure_topics
 
 ConsumeAll = Callable[..., list[ConsumerRecord]]
@@ -81,3 +82,23 @@ def produce(bootstrap: str, records: list[tuple[bytes, bytes]], topic: str = FEE
         producer.flush(timeout=30)
     finally:
         producer.close()
+
+
+def feedback_events(
+    publisher: FeedbackPublisher, bootstrap: str, response_ids: set[str], expected: int, timeout: float = 20
+) -> dict[str, FeedbackEvent]:
+    """The events on thumbtune.feedback (the session's tests share it) for these answers, by response id,
+    once ``publisher`` (a test server's) has flushed: waits up to ``timeout`` s for ``expected`` of them,
+    then asserts that is exactly how many there are."""
+    assert publisher.flush(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_topic(bootstrap, FEEDBACK_TOPIC, expected=None, timeout=5)
+        mine = [
+            e for e in (FeedbackEvent.from_bytes(r.value) for r in records) if e.response_id in response_ids
+        ]
+        if len(mine) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(mine) == expected, f"{len(mine)} events for {response_ids}, expected {expected}"
+    return {e.response_id: e for e in mine}

@@ -8,6 +8,8 @@ import pytest
 
 from tests.support.api import USER, assert_openai_error, chat
 
+pytestmark = pytest.mark.broker
+
 
 def test_chat_completion_has_ratable_id_usage_and_adapter_header(client) -> None:  # noqa: ANN001
     resp = chat(client, max_tokens=8, temperature=0)

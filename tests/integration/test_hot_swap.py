@@ -1,7 +1,7 @@
 """Adapter versions on one server without Kafka: start-up, refusals with reasons, pin/unpin/rollback, routing.
 
-Versions are written straight into a store (tests/hot_swap_helpers.py); announcements are handed to the
-manager directly. tests/test_hot_swap_follow.py covers the same path through a real broker.
+Versions are written straight into a store (tests/support/adapters.py); announcements are handed to the
+manager directly. test_hot_swap_follow.py covers the same path through the announcements topic.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.support import wait_for
 from tests.support.adapters import VersionWriter, corrupt
 from thumbtune.core.store import LocalAdapterStore
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("single_thread")]
 TOKEN = "admin-s3cret"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
