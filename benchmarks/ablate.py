@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import worker_argv, worker_env
+from benchmarks.common import thumb_event, worker_argv, worker_env
 from benchmarks.evaluate import Evaluator, sample_with_logprobs
 from learner.config import LearnerSettings, PPOConfig
 from learner.policy import Batch, Policy, resolve_precision
@@ -37,7 +37,6 @@ from learner.update import LearnerState, finite, ppo_update
 from thumbtune.cli import rules
 from thumbtune.cli.simulate import load_prompts
 from thumbtune.core.base_model import load_base
-from thumbtune.core.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams, reward_for
 from thumbtune.core.settings import Settings
 
 RESULT_PREFIX = "ABLATE-RESULT "
@@ -118,30 +117,22 @@ def run_arm(
                 policy.model, prompts, pad=evaluator.pad, eos=eos, max_tokens=max_tokens
             )
         events, approved = [], []
-        for i, (answer, logprobs) in enumerate(sampled):
-            text = tok.decode([t for t in answer if t not in eos], skip_special_tokens=True)
+        for i, answer in enumerate(sampled):
+            text = tok.decode([t for t in answer[0] if t not in eos], skip_special_tokens=True)
             up = rules.approves(rules.judge(judge, texts[i], text))
             approved.append(up)
+            ids = (f"ablate-{v}-{i}", f"resp-{v}-{i}", f"chatcmpl-{v}-{i}")
             events.append(
-                FeedbackEvent(
-                    event_id=f"ablate-{v}-{i}",
-                    response_id=f"resp-{v}-{i}",
-                    completion_id=f"chatcmpl-{v}-{i}",
-                    api_key_id=None,
-                    answered_at=1.0,
-                    rated_at=2.0,
-                    base_model=base.model_id,
-                    base_fingerprint=base.fingerprint,
+                thumb_event(
+                    base,
+                    ids,
+                    conversations[i],
+                    prompts[i],
+                    answer,
+                    up=up,
                     adapter_version=policy.version,
-                    messages=[Message(**m) for m in conversations[i]],
-                    prompt_token_ids=prompts[i],
-                    response_token_ids=answer,
-                    behaviour_logprobs=logprobs,
-                    sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens),
-                    finish_reason="stop" if answer[-1] in eos else "length",
-                    kind=FeedbackKind.thumb,
-                    value="up" if up else "down",
-                    reward=reward_for(FeedbackKind.thumb, "up" if up else "down"),
+                    max_tokens=max_tokens,
+                    eos=eos,
                 )
             )
         sample_s = time.perf_counter() - started

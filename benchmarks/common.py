@@ -17,6 +17,7 @@ import torch
 
 from learner.policy import Batch
 from thumbtune.core.base_model import LoadedBase, load_base
+from thumbtune.core.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams, reward_for
 from thumbtune.core.settings import Settings
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -109,3 +110,43 @@ def warm_up(model: torch.nn.Module, batch: Batch, rows: int) -> None:
     process before its timed window."""
     mb = batch.subset(torch.arange(rows))
     model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, logits_to_keep=1)
+
+
+def thumb_event(
+    base: LoadedBase,
+    ids: tuple[str, str, str],
+    conversation: list[dict[str, str]],
+    prompt: list[int],
+    sampled: tuple[list[int], list[float]],
+    *,
+    up: bool,
+    adapter_version: str,
+    max_tokens: int,
+    eos: list[int],
+) -> FeedbackEvent:
+    """The event a thumb on an answer the benchmark sampled (T = 1, no top-p) becomes, as a server would
+    record it. ``ids``: (event id, response id, completion id); ``sampled``: the answer's tokens and
+    behaviour log-probs (`benchmarks.evaluate.sample_with_logprobs`)."""
+    event_id, response_id, completion_id = ids
+    answer, logprobs = sampled
+    value = "up" if up else "down"
+    return FeedbackEvent(
+        event_id=event_id,
+        response_id=response_id,
+        completion_id=completion_id,
+        api_key_id=None,
+        answered_at=1.0,
+        rated_at=2.0,
+        base_model=base.model_id,
+        base_fingerprint=base.fingerprint,
+        adapter_version=adapter_version,
+        messages=[Message(**m) for m in conversation],
+        prompt_token_ids=prompt,
+        response_token_ids=answer,
+        behaviour_logprobs=logprobs,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens),
+        finish_reason="stop" if answer[-1] in eos else "length",
+        kind=FeedbackKind.thumb,
+        value=value,
+        reward=reward_for(FeedbackKind.thumb, value),
+    )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from rich.console import Console
 
-from benchmarks.common import Window, load, peak_rss, warm_up, worker_argv, worker_env
+from benchmarks.common import Window, load, peak_rss, thumb_event, warm_up, worker_argv, worker_env
 from benchmarks.evaluate import sample_with_logprobs
 from benchmarks.learn_report import report
 from benchmarks.prompts import LEARN as PROMPTS
@@ -38,7 +38,7 @@ from learner.config import LearnerSettings, PPOConfig
 from learner.policy import Batch, Policy, cpu_has_fast_bf16
 from learner.update import LearnerState, finite, ppo_update
 from thumbtune.core.chat import encode_chat, end_token_ids
-from thumbtune.core.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams
+from thumbtune.core.contract import FeedbackEvent
 from thumbtune.core.lora import lora_config
 from thumbtune.core.settings import Settings
 
@@ -89,35 +89,28 @@ def make_events(settings: Settings, path: Path) -> dict:
     prompts = [encode_chat(tok, m) for m in conversations]
     started = time.perf_counter()
     torch.manual_seed(SEED)
+    eos = end_token_ids(base.model, tok)
     sampled = sample_with_logprobs(
         base.model,
         [p for p in prompts for _ in range(2)],
         pad=tok.pad_token_id,
-        eos=end_token_ids(base.model, tok),
+        eos=eos,
         max_tokens=MAX_TOKENS,
     )
     lines = []
-    for i, (answer, lps) in enumerate(sampled):
-        k, reward = i // 2, 1.0 if i % 2 == 0 else -1.0
-        event = FeedbackEvent(
-            event_id=f"bench-learn-{i:03d}",
-            response_id=f"resp-{i:03d}",
-            completion_id=f"chatcmpl-{k:03d}",
-            api_key_id=None,
-            answered_at=1.0,
-            rated_at=2.0,
-            base_model=base.model_id,
-            base_fingerprint=base.fingerprint,
+    for i, answer in enumerate(sampled):
+        k = i // 2  # the prompt's first answer is rated up, its second down
+        ids = (f"bench-learn-{i:03d}", f"resp-{i:03d}", f"chatcmpl-{k:03d}")
+        event = thumb_event(
+            base,
+            ids,
+            conversations[k],
+            prompts[k],
+            answer,
+            up=i % 2 == 0,
             adapter_version="v0",
-            messages=[Message(**m) for m in conversations[k]],
-            prompt_token_ids=prompts[k],
-            response_token_ids=answer,
-            behaviour_logprobs=lps,
-            sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=MAX_TOKENS),
-            finish_reason="stop" if answer[-1] == tok.eos_token_id else "length",
-            kind=FeedbackKind.thumb,
-            value="up" if reward > 0 else "down",
-            reward=reward,
+            max_tokens=MAX_TOKENS,
+            eos=eos,
         )
         lines.append(event.model_dump_json())
     path.write_text("\n".join(lines) + "\n")

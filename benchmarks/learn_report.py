@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 
 from rich.console import Console
 from rich.table import Table
+
+from benchmarks.report import print_targets, warn_if_noisy
 
 TARGETS = {"vs_trl": 1.3, "vs_floor": 0.75, "rss_gib": 3.0}
 
@@ -68,13 +69,7 @@ def report(
         "EOS), +1/-1 per prompt pair; 'per CPU-s' = event-epochs per second of the process's own "
         "CPU time; peak RSS = the largest VmHWM of the contender's runs"
     )
-    noisy = max(r["other_cores"] for rs in runs.values() for r in rs)
-    if noisy > 0.15:
-        console.print(
-            f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
-            f"{os.cpu_count()} cores busy during some runs (column 'other CPU'): those figures are "
-            "noisy; rerun when idle"
-        )
+    warn_if_noisy(console, max(r["other_cores"] for rs in runs.values() for r in rs))
 
     ours = med["ours"]["event_epochs_per_s"]
     vs_floor = ours / med["floor"]["event_epochs_per_s"]
@@ -100,13 +95,7 @@ def report(
             rss_gib <= TARGETS["rss_gib"],
         ),
     ]
-    targets = Table(title="targets")
-    for col in ("check", "measured", "target", ""):
-        targets.add_column(col)
-    for name, measured, target, ok in checks:
-        verdict = "[dim]n/a[/]" if ok is None else "[green]PASS[/]" if ok else "[red]MISS[/]"
-        targets.add_row(name, measured, target, verdict)
-    console.print(targets)
+    targets = print_targets(console, checks)
     if "ours-bf16" in med:
         bf16_speedup = med["ours-bf16"]["event_epochs_per_s"] / ours
         console.print(
@@ -131,5 +120,5 @@ def report(
         "runs": runs,
         "medians": med,
         "ratios": {"ours_vs_trl": vs_trl, "ours_vs_floor": vs_floor, "bf16_vs_float32": bf16_speedup},
-        "targets": {name: {"measured": m, "target": t, "pass": ok} for name, m, t, ok in checks},
+        "targets": targets,
     }

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.prompts import SERVE as PROMPTS
+from benchmarks.report import print_targets, warn_if_noisy
 
 LEVELS = (1, 4, 16)
 """Concurrent clients of each level."""
@@ -62,13 +61,9 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
             f"{ceiling['other_cores']:.2f}",
         )
     console.print(table)
-    noisy = max([ceiling["other_cores"]] + [lv.other_cores for r in (tt, naive) for lv in r["levels"]])
-    if noisy > 0.15:
-        console.print(
-            f"[yellow]warning: other processes kept up to {noisy:.2f} of this machine's "
-            f"{os.cpu_count()} cores busy (column 'other CPU'): those figures are noisy; "
-            "rerun when the machine is idle"
-        )
+    warn_if_noisy(
+        console, max([ceiling["other_cores"]] + [lv.other_cores for r in (tt, naive) for lv in r["levels"]])
+    )
 
     tt16 = {lv.clients: lv for lv in tt["levels"]}
     nv16 = {lv.clients: lv for lv in naive["levels"]}
@@ -106,9 +101,6 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
             "concurrency are then optimistic, since the queue never reaches steady state)"
         )
 
-    targets = Table(title="targets")
-    for col in ("check", "measured", "target", ""):
-        targets.add_column(col)
     checks = [
         (
             "thumbtune / naive, 16 clients",
@@ -135,9 +127,7 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
             fb["p99_ms"] <= TARGETS["feedback_p99_ms"] and set(fb["statuses"]) == {202},
         ),
     ]
-    for name, measured, target, ok in checks:
-        targets.add_row(name, measured, target, "[green]PASS[/]" if ok else "[red]MISS[/]")
-    console.print(targets)
+    targets = print_targets(console, checks)
     console.print(
         f"naive server peak RSS {naive['rss_peak_bytes'] / 2**30:.2f} GiB; whole bench {elapsed:.0f} s"
     )
@@ -165,5 +155,5 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
             "vs_ceiling_decode_only_16": vs_decode_only,
             "identical_answers": [sum(same), len(same)],
         },
-        "targets": {name: {"measured": m, "target": t, "pass": ok} for name, m, t, ok in checks},
+        "targets": targets,
     }

@@ -22,7 +22,14 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from thumbtune.core.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams, reward_for
+from thumbtune.core.contract import (
+    FeedbackEvent,
+    FeedbackKind,
+    Message,
+    SamplingParams,
+    check_aligned,
+    reward_for,
+)
 from thumbtune.core.settings import Settings
 
 
@@ -52,11 +59,7 @@ class StoredCompletion(BaseModel):
 
     @model_validator(mode="after")
     def _aligned(self) -> StoredCompletion:
-        # Fail when the answer is stored, not minutes later when the rating's event is built.
-        if len(self.response_token_ids) != len(self.behaviour_logprobs):
-            raise ValueError(
-                f"{len(self.response_token_ids)} response tokens but {len(self.behaviour_logprobs)} log-probs"
-            )
+        check_aligned(self.response_token_ids, self.behaviour_logprobs)  # now, not when the rating comes
         return self
 
     def to_json(self) -> str:

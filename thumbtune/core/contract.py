@@ -76,6 +76,12 @@ class SamplingParams(BaseModel):
         return self.temperature if self.temperature > 0 else 1.0
 
 
+def check_aligned(response_token_ids: list[int], behaviour_logprobs: list[float]) -> None:
+    """One behaviour log-prob per response token, or ValueError."""
+    if len(response_token_ids) != len(behaviour_logprobs):
+        raise ValueError(f"{len(response_token_ids)} response tokens but {len(behaviour_logprobs)} log-probs")
+
+
 def reward_for(kind: FeedbackKind, value: str | int) -> float:
     """Map a user's feedback to a scalar reward in [-1, 1].
 
@@ -128,10 +134,7 @@ class FeedbackEvent(BaseModel):
 
     @model_validator(mode="after")
     def _aligned(self) -> FeedbackEvent:
-        if len(self.response_token_ids) != len(self.behaviour_logprobs):
-            raise ValueError(
-                f"{len(self.response_token_ids)} response tokens but {len(self.behaviour_logprobs)} log-probs"
-            )
+        check_aligned(self.response_token_ids, self.behaviour_logprobs)
         return self
 
     def key(self) -> bytes:
