@@ -13,25 +13,24 @@ from fastapi.staticfiles import StaticFiles
 from service import errors
 from service.limits import GuardMiddleware
 from service.routers import admin, chat, feedback, health, models, page
-from service.runtime import Runtime, build_runtime
+from service.runtime import build_runtime
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    """Build the app. `runtime` lets tests share one loaded model between app instances."""
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; its lifespan loads the model and starts everything (`service.runtime.build_runtime`)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = runtime or await anyio.to_thread.run_sync(build_runtime, settings)
+        rt = await anyio.to_thread.run_sync(build_runtime, settings)
         app.state.runtime = rt  # what service.dependencies.get_runtime hands the routes
         try:
             yield
         finally:
-            if runtime is None:  # a runtime handed in belongs to the caller
-                await anyio.to_thread.run_sync(rt.close)
+            await anyio.to_thread.run_sync(rt.close)
 
     app = FastAPI(
         title="thumbtune",

@@ -90,10 +90,6 @@ class Spool:
     def depth(self) -> int:
         return self._depth
 
-    @property
-    def is_open(self) -> bool:
-        return self._conn is not None
-
     def open(self) -> None:
         """Take a free slot, adopt the rows of unheld slots, and count what is waiting."""
         self.directory.mkdir(parents=True, exist_ok=True)
