@@ -27,13 +27,6 @@ from thumbtune.core.base_model import embedded_tokenizer_dir
 from thumbtune.core.kafka import ensure_topics, topic_partitions
 from thumbtune.core.settings import Settings
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "feedback_partitions(n): partitions of thumbtune.feedback on the test's own `kafka`"
-    )
-
-
 # --- models -------------------------------------------------------------------------------------------
 
 

@@ -30,7 +30,9 @@ class VersionWriter:
         base = AutoModelForCausalLM.from_pretrained(model_dir)
         self.fingerprint = fingerprint(base)
         """The tiny base's fingerprint: what the server computes when it loads the same directory."""
-        with torch.random.fork_rng():  # LoRA A is random: seeded, so a version's KL does not hang on test order
+        with (
+            torch.random.fork_rng()
+        ):  # LoRA A is random: seeded, so a version's KL does not hang on test order
             torch.manual_seed(0)
             self.model = get_peft_model(base, lora_config(Settings()), adapter_name="default")
 

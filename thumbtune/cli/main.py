@@ -3,7 +3,7 @@
 The subcommands that load a model (serve, learn, model, up) import their modules when they run: the lazy
 imports below keep `thumbtune --help`, `thumbtune broker` and `thumbtune simulate` from importing torch.
 `thumbtune bench ...` exists when the benchmarks are at hand (a checkout of the repository, see
-`_add_benchmarks`): they sit above the product and are not shipped with it.
+`add_benchmarks`): they sit above the product and are not shipped with it.
 """
 
 from __future__ import annotations
@@ -165,18 +165,19 @@ def simulate(
         typer.echo(line)
 
 
-def _add_benchmarks() -> None:
-    """Register `thumbtune bench` from ``benchmarks/`` when this package runs from a checkout.
+def add_benchmarks(app: typer.Typer, repository: Path) -> bool:
+    """Register `thumbtune bench` from ``<repository>/benchmarks/`` when the package runs from a checkout;
+    True if it did.
 
     The benchmarks import the whole product (layers: benchmarks > thumbtune.cli > ...), so the command
     line must not import them; they are found here by path and loaded by name, once, at start-up. Without
     a checkout (a wheel, an image) `thumbtune bench` says where to get them.
     """
-    if (REPOSITORY / "benchmarks" / "cli.py").is_file():
-        if str(REPOSITORY) not in sys.path:
-            sys.path.append(str(REPOSITORY))
+    if (repository / "benchmarks" / "cli.py").is_file():
+        if str(repository) not in sys.path:
+            sys.path.append(str(repository))
         app.add_typer(importlib.import_module("benchmarks.cli").app, name="bench")
-        return
+        return True
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def bench() -> None:
@@ -188,8 +189,10 @@ def _add_benchmarks() -> None:
         )
         raise typer.Exit(2)
 
+    return False
 
-_add_benchmarks()
+
+add_benchmarks(app, REPOSITORY)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,27 @@
+"""The `thumbtune` command: `thumbtune bench` from a checkout, and a clear word without one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from tests.support import ROOT
+from thumbtune.cli.main import add_benchmarks, app
+
+
+def test_bench_is_a_command_group_from_a_checkout() -> None:
+    result = CliRunner().invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    for name in ("serve", "learn", "ablate", "loop", "kl-penalty"):
+        assert name in result.output
+
+
+def test_without_the_benchmarks_bench_says_where_to_get_them(tmp_path: Path) -> None:
+    installed = typer.Typer()
+    installed.command()(lambda: None)  # a wheel's `thumbtune` has its other commands
+    assert add_benchmarks(installed, tmp_path) is False
+    result = CliRunner().invoke(installed, ["bench", "loop", "--thumbs", "10"])
+    assert result.exit_code == 2 and "from a checkout" in result.output
+    assert add_benchmarks(typer.Typer(), ROOT) is True
