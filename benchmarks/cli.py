@@ -116,6 +116,9 @@ def bench_loop(
     choice: bool = typer.Option(
         False, "--choice", help="Users choose between two answers instead of thumbs."
     ),
+    rank: int = typer.Option(
+        None, "--rank", min=2, max=4, help="Users rank K answers, best first, instead of thumbs."
+    ),
     temperature: float = typer.Option(1.0, min=0.0, max=2.0, help="Sampling temperature of users and eval."),
     max_tokens: int = typer.Option(48, min=1, help="max_tokens of users and eval."),
     samples_per_prompt: int = typer.Option(2, min=1, help="Answers sampled per held-out prompt per version."),
@@ -138,6 +141,7 @@ def bench_loop(
             users=users,
             noise=noise,
             choice=choice,
+            rank=rank,
             temperature=temperature,
             max_tokens=max_tokens,
             samples_per_prompt=samples_per_prompt,

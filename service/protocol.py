@@ -7,7 +7,7 @@ message count, context window) are checked in service.serving_chat.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -159,24 +159,41 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+ResponseId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class FeedbackRequest(BaseModel):
-    """One of: {response_id, thumb}, {response_id, rating}, {chosen, rejected}; optional comment."""
+    """One of {response_id, thumb}, {response_id, rating}, {chosen, rejected}, {ranking}; a comment."""
 
     model_config = ConfigDict(extra="forbid")
 
-    response_id: str | None = Field(default=None, min_length=1, max_length=128)
+    response_id: ResponseId | None = None
     thumb: Literal["up", "down"] | None = None
     rating: int | None = Field(default=None, ge=1, le=5)
-    chosen: str | None = Field(default=None, min_length=1, max_length=128)
-    rejected: str | None = Field(default=None, min_length=1, max_length=128)
+    chosen: ResponseId | None = None
+    rejected: ResponseId | None = None
+    ranking: list[ResponseId] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=4,
+        description="All the answers of one request (n = 2 to 4), best first.",
+    )
     comment: str | None = Field(default=None, max_length=2000)
 
     @model_validator(mode="after")
     def _one_form(self) -> FeedbackRequest:
         single = self.response_id is not None
         pair = self.chosen is not None or self.rejected is not None
-        if single == pair:
-            raise ValueError("give either response_id with thumb or rating, or chosen and rejected")
+        ranked = self.ranking is not None
+        if single + pair + ranked != 1:
+            raise ValueError(
+                "give one of: response_id with thumb or rating; chosen and rejected; a ranking, best first"
+            )
+        if ranked:
+            if len(set(self.ranking)) != len(self.ranking):
+                raise ValueError("a ranking names each answer once")
+            if self.thumb is not None or self.rating is not None:
+                raise ValueError("a ranking takes no thumb or rating")
         if single and (self.thumb is None) == (self.rating is None):
             raise ValueError("give exactly one of thumb ('up' or 'down') or rating (1 to 5)")
         if pair:

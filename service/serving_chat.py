@@ -162,6 +162,7 @@ class ChatService:
                 sampling=seq.params,
                 finish_reason=seq.finish_reason,
                 text=seq.text,
+                n=len(seqs),
             )
             for rid, seq in zip(p.response_ids, seqs, strict=True)
         ]

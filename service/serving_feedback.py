@@ -1,9 +1,10 @@
-"""Ratings -> feedback events on thumbtune.feedback.
+"""Ratings -> feedback events on thumbtune.feedback: a thumb or a 1-5 rating of one answer, a choice between
+two answers to one prompt, or a ranking of all the answers of one request (best first).
 
-One rating per answer per API key: the store's ``claim_rating`` makes a repeat idempotent
-(same answer, same event ids, nothing published twice) across replicas. Event ids are
-derived from (response id, key id), so even a retried publish carries the same id and the
-learner deduplicates on it.
+One rating per answer per API key (a choice and a ranking rate each of their answers): the store's
+``claim_rating`` makes a repeat idempotent (same answers, same event ids, nothing published twice) across
+replicas. Event ids are derived from (response id, key id), so even a retried publish carries the same id
+and the learner deduplicates on it.
 """
 
 from __future__ import annotations
@@ -49,39 +50,73 @@ class FeedbackService:
         """Returns the body and the status: 202 for a new rating, 200 for an idempotent repeat."""
         now = time.time()
         if req.response_id is not None:
-            rec = self._lookup(req.response_id, key_id, "response_id")
-            kind, value = (FeedbackKind.thumb, req.thumb) if req.thumb else (FeedbackKind.rating, req.rating)
-            events = [
-                rec.to_event(
-                    event_id=event_id_for(rec.response_id, key_id),
-                    rated_at=now,
-                    kind=kind,
-                    value=value,
-                    comment=req.comment,
-                )
-            ]
+            events = self._single(req, key_id, now)
+        elif req.ranking is not None:
+            events = self._ranking(req, key_id, now)
         else:
-            chosen = self._lookup(req.chosen, key_id, "chosen")
-            rejected = self._lookup(req.rejected, key_id, "rejected")
-            if chosen.prompt_token_ids != rejected.prompt_token_ids:
-                raise APIError(
-                    400,
-                    "chosen and rejected must be two answers to the same prompt",
-                    param="rejected",
-                    code="not_a_pair",
-                )
-            events = [
-                a.to_event(
-                    event_id=event_id_for(a.response_id, key_id),
-                    rated_at=now,
-                    kind=FeedbackKind.choice,
-                    value=v,
-                    comment=req.comment,
-                    paired_response_id=b.response_id,
-                )
-                for a, b, v in ((chosen, rejected, "chosen"), (rejected, chosen, "rejected"))
-            ]
+            events = self._choice(req, key_id, now)
         return self._claim_and_publish(events, key_id)
+
+    def _single(self, req: FeedbackRequest, key_id: str | None, now: float) -> list[FeedbackEvent]:
+        rec = self._lookup(req.response_id, key_id, "response_id")
+        kind, value = (FeedbackKind.thumb, req.thumb) if req.thumb else (FeedbackKind.rating, req.rating)
+        event_id = event_id_for(rec.response_id, key_id)
+        return [rec.to_event(event_id=event_id, rated_at=now, kind=kind, value=value, comment=req.comment)]
+
+    def _choice(self, req: FeedbackRequest, key_id: str | None, now: float) -> list[FeedbackEvent]:
+        chosen = self._lookup(req.chosen, key_id, "chosen")
+        rejected = self._lookup(req.rejected, key_id, "rejected")
+        if chosen.prompt_token_ids != rejected.prompt_token_ids:
+            raise APIError(
+                400,
+                "chosen and rejected must be two answers to the same prompt",
+                param="rejected",
+                code="not_a_pair",
+            )
+        return [
+            a.to_event(
+                event_id=event_id_for(a.response_id, key_id),
+                rated_at=now,
+                kind=FeedbackKind.choice,
+                value=v,
+                comment=req.comment,
+                paired_response_id=b.response_id,
+            )
+            for a, b, v in ((chosen, rejected, "chosen"), (rejected, chosen, "rejected"))
+        ]
+
+    def _ranking(self, req: FeedbackRequest, key_id: str | None, now: float) -> list[FeedbackEvent]:
+        """The answers of one request, best first: place k of K gets 1 - 2 (k - 1) / (K - 1)."""
+        answers = [self._lookup(rid, key_id, "ranking") for rid in req.ranking]
+        requests = {a.completion_id for a in answers}
+        if len(requests) != 1:
+            raise APIError(
+                400,
+                "a ranking orders the answers of one request (one chat completion with n = 2 to 4)",
+                param="ranking",
+                code="not_one_request",
+            )
+        asked = answers[0].n
+        if asked is not None and asked != len(answers):
+            raise APIError(
+                400,
+                f"rank all {asked} answers of the request, best first: the ranking names {len(answers)}",
+                param="ranking",
+                code="incomplete_ranking",
+            )
+        ranking_id = "ranking-" + event_id_for(answers[0].completion_id, key_id)[:24]
+        return [
+            a.to_event(
+                event_id=event_id_for(a.response_id, key_id),
+                rated_at=now,
+                kind=FeedbackKind.ranking,
+                value=place,
+                comment=req.comment,
+                ranking_id=ranking_id,
+                ranking_size=len(answers),
+            )
+            for place, a in enumerate(answers, 1)
+        ]
 
     def _claim_and_publish(
         self, events: list[FeedbackEvent], key_id: str | None
@@ -106,7 +141,7 @@ class FeedbackService:
                     "event_id": ev.event_id,
                     "kind": ev.kind.value,
                     "value": ev.value,
-                    "pair": ev.paired_response_id,
+                    "pair": ev.paired_response_id or ev.ranking_id,
                 }
             )
             earlier = store.claim_rating(key, payload)
@@ -119,7 +154,7 @@ class FeedbackService:
             same = (
                 first["kind"] == ev.kind.value
                 and first["value"] == ev.value
-                and first["pair"] == ev.paired_response_id
+                and first["pair"] == (ev.paired_response_id or ev.ranking_id)
             )
             if same and not claimed:
                 metrics.FEEDBACK_DUPLICATES.inc()

@@ -20,7 +20,7 @@ from typing import Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from thumbtune.core.contract import (
     FeedbackEvent,
@@ -56,6 +56,9 @@ class StoredCompletion(BaseModel):
     sampling: SamplingParams
     finish_reason: Literal["stop", "length"]
     text: str
+    n: int | None = Field(
+        default=None, description="How many answers the request asked for (None: stored before it was kept)."
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> StoredCompletion:
@@ -78,18 +81,22 @@ class StoredCompletion(BaseModel):
         value: str | int,
         comment: str | None = None,
         paired_response_id: str | None = None,
+        ranking_id: str | None = None,
+        ranking_size: int | None = None,
     ) -> FeedbackEvent:
         """The feedback event for this answer once rated; the reward follows ``reward_for``."""
-        fields = self.model_dump(exclude={"text"})
+        fields = self.model_dump(exclude={"text", "n"})
         return FeedbackEvent(
             **fields,
             event_id=event_id,
             rated_at=rated_at,
             kind=kind,
             value=value,
-            reward=reward_for(kind, value),
+            reward=reward_for(kind, value, ranking_size),
             comment=comment,
             paired_response_id=paired_response_id,
+            ranking_id=ranking_id,
+            ranking_size=ranking_size,
         )
 
 

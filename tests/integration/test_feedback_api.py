@@ -142,3 +142,43 @@ def test_feedback_metrics_count_by_kind_value_and_version(client) -> None:  # no
     client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"})
     text = client.get("/metrics").text
     assert 'thumbtune_feedback_total{adapter_version="v0",kind="thumb",value="up"}' in text
+
+
+def test_a_ranking_of_all_answers_rewards_them_linearly_and_keeps_every_pair(client, broker) -> None:  # noqa: ANN001
+    a, b, c = (ch["response_id"] for ch in answer(client, n=3)["choices"])
+    resp = client.post("/v1/feedback", json={"ranking": [b, c, a], "comment": "b is best"})
+    assert resp.status_code == 202 and len(resp.json()["event_ids"]) == 3
+    events = events_of(client, broker, {a, b, c}, 3)
+    assert {rid: (e.value, e.reward) for rid, e in events.items()} == {b: (1, 1.0), c: (2, 0.0), a: (3, -1.0)}
+    assert {e.kind.value for e in events.values()} == {"ranking"} and {
+        e.ranking_size for e in events.values()
+    } == {3}
+    (ranking_id,) = {e.ranking_id for e in events.values()}
+    assert ranking_id and all(e.comment == "b is best" for e in events.values())
+    pairs = {
+        (x.response_id, y.response_id) for x in events.values() for y in events.values() if x.value < y.value
+    }
+    assert pairs == {(b, c), (b, a), (c, a)}  # every pair of the ranking, preferred first
+
+    again = client.post("/v1/feedback", json={"ranking": [b, c, a], "comment": "b is best"})
+    assert again.status_code == 200 and again.json() == {
+        "status": "duplicate",
+        "event_ids": resp.json()["event_ids"],
+    }
+    assert_openai_error(client.post("/v1/feedback", json={"ranking": [a, b, c]}), 409)
+    events_of(client, broker, {a, b, c}, 3)  # nothing published twice
+
+
+def test_rankings_that_are_not_one_whole_request_are_refused(client) -> None:  # noqa: ANN001
+    x, y, z = (ch["response_id"] for ch in answer(client, n=3)["choices"])
+    other = answer(client, n=2)["choices"][0]["response_id"]
+    err = assert_openai_error(client.post("/v1/feedback", json={"ranking": [x, y]}), 400, "ranking")
+    assert err["code"] == "incomplete_ranking" and "all 3 answers" in err["message"]
+    err = assert_openai_error(client.post("/v1/feedback", json={"ranking": [x, y, other]}), 400, "ranking")
+    assert err["code"] == "not_one_request"
+    err = assert_openai_error(client.post("/v1/feedback", json={"ranking": [x, y, "chatcmpl-nope"]}), 404)
+    assert err["param"] == "ranking" and "chatcmpl-nope" in err["message"]
+    for bad in ([x], [x, x, y], [x, y, z, x, y], "x"):
+        assert_openai_error(client.post("/v1/feedback", json={"ranking": bad}), 400)
+    assert_openai_error(client.post("/v1/feedback", json={"ranking": [x, y, z], "thumb": "up"}), 400)
+    assert client.post("/v1/feedback", json={"ranking": [z, y, x]}).status_code == 202  # nothing was claimed

@@ -18,7 +18,7 @@ import pytest
 from learner.config import LearnerSettings
 from learner.consumer import KafkaLearner
 from tests.support import loop_rules, wait_for
-from tests.support.kafka import read_topic
+from tests.support.kafka import feedback_events, read_topic
 from tests.support.learner import tiny_base
 from thumbtune.cli.broker import EmbeddedBroker
 from thumbtune.cli.rules import load_rule
@@ -257,6 +257,28 @@ def test_the_simulate_command_rates_through_the_api_and_prints_approval_per_vers
     lines = log.read_text().splitlines()
     assert len(lines) == 6
     assert CliRunner().invoke(app, [*args[:-2], "--choice", "--thumbs", "2"]).exit_code == 0
+    assert CliRunner().invoke(app, [*args[:-2], "--rank", "3", "--thumbs", "2"]).exit_code == 0
+    both = CliRunner().invoke(app, [*args[:-2], "--rank", "3", "--choice"])
+    assert both.exit_code == 2 and "give one" in both.output
 
     bad = CliRunner().invoke(app, ["simulate", "--url", server.url, "--rule", "friendly"])
     assert bad.exit_code == 2 and "unknown rule" in bad.output
+
+
+def test_simulated_users_rank_all_answers_best_first_by_the_rules_score(live_server_factory, broker) -> None:  # noqa: ANN001
+    server = live_server_factory()
+    rule = load_rule("tests.support.loop_rules:shorter")
+    report = Simulator(server.url, rule, users=2, thumbs=4, rank=3, max_tokens=8, seed=5).run()
+    assert len(report.ratings) == 4
+    tok = server.runtime.tokenizer
+    for rating in report.ratings:
+        assert len(rating.feedback["ranking"]) == 3 and len(rating.event_ids) == 3
+        events = feedback_events(
+            server.runtime.publisher, broker.bootstrap, set(rating.feedback["ranking"]), 3
+        )
+        by_place = sorted(events.values(), key=lambda e: e.value)
+        assert [e.response_id for e in by_place] == rating.feedback["ranking"]
+        scores = [rule("", tok.decode(e.response_token_ids, skip_special_tokens=True)) for e in by_place]
+        assert scores == sorted(scores, reverse=True)  # best first: ties may come in any order
+    with pytest.raises(ValueError, match="rank is K = 2 to 4"):
+        Simulator(server.url, rule, rank=5)

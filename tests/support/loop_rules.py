@@ -13,3 +13,8 @@ def contains_target(prompt: str, response: str) -> bool:
     if TARGET is None:
         raise RuntimeError("set tests.support.loop_rules.TARGET first")
     return TARGET in response
+
+
+def shorter(prompt: str, response: str) -> float:
+    """A score in (0, 1]: the shorter the answer, the better (a ranking rule with few ties)."""
+    return 1 / (1 + len(response))

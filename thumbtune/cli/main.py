@@ -118,12 +118,15 @@ def simulate(
     url: str = typer.Option("http://127.0.0.1:8000", help="Base URL of a running thumbtune server."),
     users: int = typer.Option(8, min=1, help="Concurrent simulated users."),
     thumbs: int = typer.Option(
-        200, min=1, help="Ratings to send in all (a choice between two answers is one)."
+        200, min=1, help="Ratings to send in all (a choice between two answers, or a ranking, is one)."
     ),
     rule: str = typer.Option("concise", help=RULE_HELP),
     noise: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of flipping each rating."),
     choice: bool = typer.Option(
         False, "--choice", help="Ask for two answers (n=2) and choose the better one."
+    ),
+    rank: int = typer.Option(
+        None, "--rank", min=2, max=4, help="Ask for K answers (n=K) and rank them, best first, by the rule."
     ),
     temperature: float = typer.Option(1.0, min=0.0, max=2.0, help="Sampling temperature of the requests."),
     max_tokens: int = typer.Option(48, min=1, help="max_tokens of the requests."),
@@ -138,6 +141,8 @@ def simulate(
     try:
         judge = load_rule(rule)
         prompt_set = load_prompts(prompts)
+        if choice and rank:
+            raise ValueError("--choice and --rank are two kinds of rating: give one")
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     sim = Simulator(
@@ -147,6 +152,7 @@ def simulate(
         thumbs=thumbs,
         noise=noise,
         choice=choice,
+        rank=rank,
         temperature=temperature,
         max_tokens=max_tokens,
         prompts=prompt_set,

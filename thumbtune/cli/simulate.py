@@ -1,13 +1,14 @@
 """`thumbtune simulate`: N concurrent simulated users chat with a running server and rate every answer.
 
-Each user loops: pick a prompt from the bundled set, ask for an answer (or two, with ``--choice``),
-judge it with the rule (`thumbtune.cli.rules`), optionally flip the verdict with probability ``noise``
-(an inconsistent human), and POST the rating to /v1/feedback. It goes through the public API only,
+Each user loops: pick a prompt from the bundled set, ask for an answer (two with ``--choice``, K with
+``--rank K``), judge each with the rule (`thumbtune.cli.rules`), optionally flip the verdict with
+probability ``noise`` (an inconsistent human: a thumb or a choice flips, a rating mirrors, a ranking
+reverses), and POST the rating to /v1/feedback. It goes through the public API only,
 exactly as a chat client and its users would; it knows nothing of the learner.
 
-One rating is one user action: a thumb, a 1-5 rating, or one choice between two answers (which
-becomes two events). The run stops after ``thumbs`` ratings. HTTP failures are retried with back-off
-and counted; they never become ratings.
+One rating is one user action: a thumb, a 1-5 rating, one choice between two answers (two events) or one
+ranking of K answers, best first by the rule's score (K events). The run stops after ``thumbs`` ratings.
+HTTP failures are retried with back-off and counted; they never become ratings.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Simulator:
         thumbs: int = 100,
         noise: float = 0.0,
         choice: bool = False,
+        rank: int | None = None,
         temperature: float = 1.0,
         max_tokens: int = 48,
         prompts: list[str] | None = None,
@@ -123,9 +125,11 @@ class Simulator:
             raise ValueError("users and thumbs must be at least 1")
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"noise is a probability in [0, 1], got {noise}")
+        if rank is not None and (choice or not 2 <= rank <= 4):
+            raise ValueError(f"rank is K = 2 to 4 answers to order, without choice; got {rank}")
         self.url = url.rstrip("/")
         self.rule = rule
-        self.users, self.thumbs, self.noise, self.choice = users, thumbs, noise, choice
+        self.users, self.thumbs, self.noise, self.choice, self.rank = users, thumbs, noise, choice, rank
         self.temperature, self.max_tokens, self.model = temperature, max_tokens, model
         self.prompts = prompts or load_prompts("train")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -178,7 +182,7 @@ class Simulator:
             "messages": [{"role": "user", "content": prompt}],
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
-            "n": 2 if self.choice else 1,
+            "n": self.rank or (2 if self.choice else 1),
         }
         completion = await _post(client, "/v1/chat/completions", body)
         answers = [c["message"]["content"] for c in completion["choices"]]
@@ -188,7 +192,12 @@ class Simulator:
         except Exception as exc:
             raise SimulationError(f"the rule failed on an answer: {exc!r}") from exc
         flipped = rng.random() < self.noise
-        if self.choice:
+        if self.rank:
+            order = list(range(len(ids)))
+            rng.shuffle(order)  # ties broken at random: the sort below is stable
+            order.sort(key=lambda i: rules.score(verdicts[i]), reverse=True)
+            feedback = {"ranking": [ids[i] for i in (order[::-1] if flipped else order)]}
+        elif self.choice:
             scores = [rules.score(v) for v in verdicts]
             best = 0 if scores[0] > scores[1] else 1 if scores[1] > scores[0] else rng.randrange(2)
             if flipped:

@@ -54,6 +54,7 @@ class FeedbackKind(str, Enum):
     thumb = "thumb"
     rating = "rating"
     choice = "choice"
+    ranking = "ranking"
 
 
 class Message(BaseModel):
@@ -82,17 +83,28 @@ def check_aligned(response_token_ids: list[int], behaviour_logprobs: list[float]
         raise ValueError(f"{len(response_token_ids)} response tokens but {len(behaviour_logprobs)} log-probs")
 
 
-def reward_for(kind: FeedbackKind, value: str | int) -> float:
+def reward_for(kind: FeedbackKind, value: str | int, ranking_size: int | None = None) -> float:
     """Map a user's feedback to a scalar reward in [-1, 1].
 
     thumb: up -> +1, down -> -1; rating r in 1..5 -> (r - 3) / 2;
-    choice: the chosen answer -> +1, the rejected one -> -1.
+    choice: the chosen answer -> +1, the rejected one -> -1;
+    ranking: the answer in place k of K (1 = best) -> 1 - 2 (k - 1) / (K - 1), linear from +1 to -1
+    (K = 2 is a choice).
     """
     if kind is FeedbackKind.thumb:
         return {"up": 1.0, "down": -1.0}[str(value)]
     if kind is FeedbackKind.rating:
         return (int(value) - 3) / 2
+    if kind is FeedbackKind.ranking:
+        if ranking_size is None or not 2 <= ranking_size or not 1 <= int(value) <= ranking_size:
+            raise ValueError(f"a ranking's place must be 1..K with K >= 2, got {value} of {ranking_size}")
+        return 1 - 2 * (int(value) - 1) / (ranking_size - 1)
     return {"chosen": 1.0, "rejected": -1.0}[str(value)]
+
+
+RANKING_FIELDS = ("ranking_id", "ranking_size")
+"""`FeedbackEvent` fields only a ranking's events carry (left out of the others' JSON, which stays as it
+was before rankings existed, so learners that predate them still read thumbs, ratings and choices)."""
 
 
 class FeedbackEvent(BaseModel):
@@ -131,17 +143,33 @@ class FeedbackEvent(BaseModel):
     paired_response_id: str | None = Field(
         default=None, description="For choice feedback: the other answer of the pair."
     )
+    ranking_id: str | None = Field(
+        default=None,
+        description="For ranking feedback: shared by the events of one ranking. Its answers' places (value: "
+        "1 = best) give every pair: the answer in place i is preferred to each in a later place.",
+    )
+    ranking_size: int | None = Field(
+        default=None, ge=2, description="For ranking feedback: how many answers the ranking ordered (K)."
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> FeedbackEvent:
         check_aligned(self.response_token_ids, self.behaviour_logprobs)
+        ranked = self.kind is FeedbackKind.ranking
+        if ranked != (self.ranking_id is not None) or ranked != (self.ranking_size is not None):
+            raise ValueError("ranking_id and ranking_size are given for ranking feedback, and only for it")
+        if ranked and not (isinstance(self.value, int) and 1 <= self.value <= self.ranking_size):
+            raise ValueError(
+                f"a ranking's value is the answer's place 1..{self.ranking_size}, not {self.value!r}"
+            )
         return self
 
     def key(self) -> bytes:
         return self.response_id.encode()
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        absent = {name for name in RANKING_FIELDS if getattr(self, name) is None}
+        return self.model_dump_json(exclude=absent).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FeedbackEvent:
