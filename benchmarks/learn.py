@@ -112,7 +112,7 @@ def make_events(settings: Settings, path: Path) -> dict:
             max_tokens=MAX_TOKENS,
             eos=eos,
         )
-        lines.append(event.model_dump_json())
+        lines.append(event.to_bytes().decode())
     path.write_text("\n".join(lines) + "\n")
     return {"sample_s": time.perf_counter() - started}
 
