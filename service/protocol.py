@@ -171,7 +171,10 @@ class FeedbackRequest(BaseModel):
     thumb: Literal["up", "down"] | None = None
     rating: int | None = Field(default=None, ge=1, le=5)
     chosen: ResponseId | None = None
-    rejected: ResponseId | None = None
+    rejected: ResponseId | list[ResponseId] | None = Field(
+        default=None,
+        description="The other answer, or (best of up to 4 answers to one prompt) the 1 to 3 others.",
+    )
     ranking: list[ResponseId] | None = Field(
         default=None,
         min_length=2,
@@ -199,11 +202,21 @@ class FeedbackRequest(BaseModel):
         if pair:
             if self.chosen is None or self.rejected is None:
                 raise ValueError("a choice needs both chosen and rejected response ids")
-            if self.chosen == self.rejected:
-                raise ValueError("chosen and rejected must be two different answers")
+            rejected = self.rejected_ids
+            if not 1 <= len(rejected) <= 3:
+                raise ValueError("a choice rejects 1 to 3 answers")
+            if self.chosen in rejected or len(set(rejected)) != len(rejected):
+                raise ValueError("chosen and rejected must be different answers")
             if self.thumb is not None or self.rating is not None:
                 raise ValueError("a choice takes no thumb or rating")
         return self
+
+    @property
+    def rejected_ids(self) -> list[str]:
+        """``rejected`` as a list (one id or several)."""
+        if self.rejected is None:
+            return []
+        return [self.rejected] if isinstance(self.rejected, str) else list(self.rejected)
 
 
 class FeedbackAccepted(BaseModel):

@@ -64,15 +64,19 @@ class FeedbackService:
         return [rec.to_event(event_id=event_id, rated_at=now, kind=kind, value=value, comment=req.comment)]
 
     def _choice(self, req: FeedbackRequest, key_id: str | None, now: float) -> list[FeedbackEvent]:
+        """The chosen answer (+1) over one other, or the best of several (each other -1); a rejected answer's
+        event names the chosen one, the chosen one's names the rejected one when there is only one."""
         chosen = self._lookup(req.chosen, key_id, "chosen")
-        rejected = self._lookup(req.rejected, key_id, "rejected")
-        if chosen.prompt_token_ids != rejected.prompt_token_ids:
+        rejected = [self._lookup(rid, key_id, "rejected") for rid in req.rejected_ids]
+        if any(r.prompt_token_ids != chosen.prompt_token_ids for r in rejected):
             raise APIError(
                 400,
-                "chosen and rejected must be two answers to the same prompt",
+                "chosen and rejected must be answers to the same prompt",
                 param="rejected",
                 code="not_a_pair",
             )
+        only = rejected[0].response_id if len(rejected) == 1 else None
+        rated = [(chosen, "chosen", only)] + [(r, "rejected", chosen.response_id) for r in rejected]
         return [
             a.to_event(
                 event_id=event_id_for(a.response_id, key_id),
@@ -80,9 +84,9 @@ class FeedbackService:
                 kind=FeedbackKind.choice,
                 value=v,
                 comment=req.comment,
-                paired_response_id=b.response_id,
+                paired_response_id=paired,
             )
-            for a, b, v in ((chosen, rejected, "chosen"), (rejected, chosen, "rejected"))
+            for a, v, paired in rated
         ]
 
     def _ranking(self, req: FeedbackRequest, key_id: str | None, now: float) -> list[FeedbackEvent]:

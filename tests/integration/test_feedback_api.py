@@ -182,3 +182,24 @@ def test_rankings_that_are_not_one_whole_request_are_refused(client) -> None:  #
         assert_openai_error(client.post("/v1/feedback", json={"ranking": bad}), 400)
     assert_openai_error(client.post("/v1/feedback", json={"ranking": [x, y, z], "thumb": "up"}), 400)
     assert client.post("/v1/feedback", json={"ranking": [z, y, x]}).status_code == 202  # nothing was claimed
+
+
+def test_the_best_of_several_answers_is_one_choice_over_each_of_the_others(client, broker) -> None:  # noqa: ANN001
+    a, b, c = (ch["response_id"] for ch in answer(client, n=3)["choices"])
+    resp = client.post("/v1/feedback", json={"chosen": b, "rejected": [a, c]})
+    assert resp.status_code == 202 and len(resp.json()["event_ids"]) == 3
+    events = events_of(client, broker, {a, b, c}, 3)
+    assert {rid: (e.value, e.reward, e.paired_response_id) for rid, e in events.items()} == {
+        b: ("chosen", 1.0, None),
+        a: ("rejected", -1.0, b),
+        c: ("rejected", -1.0, b),
+    }
+    again = client.post("/v1/feedback", json={"chosen": b, "rejected": [a, c]})
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+    assert_openai_error(client.post("/v1/feedback", json={"chosen": a, "rejected": [b, c]}), 409)
+    other = answer(client, messages=[{"role": "user", "content": "Something else."}])["id"]
+    x, y = (ch["response_id"] for ch in answer(client, n=2)["choices"])
+    err = assert_openai_error(client.post("/v1/feedback", json={"chosen": x, "rejected": [y, other]}), 400)
+    assert err["code"] == "not_a_pair"
+    for bad in ([x, y], [], [y, y], [y, "1", "2", "3"]):
+        assert_openai_error(client.post("/v1/feedback", json={"chosen": x, "rejected": bad}), 400)

@@ -141,7 +141,9 @@ class FeedbackEvent(BaseModel):
     reward: float = Field(ge=-1.0, le=1.0)
     comment: str | None = None
     paired_response_id: str | None = Field(
-        default=None, description="For choice feedback: the other answer of the pair."
+        default=None,
+        description="For choice feedback: on a rejected answer, the chosen one; on the chosen answer, the "
+        "rejected one (None when it was chosen as the best of several).",
     )
     ranking_id: str | None = Field(
         default=None,
