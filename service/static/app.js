@@ -7,6 +7,10 @@
   const FEEDBACK_URL = "/v1/feedback";
   const ADAPTER_HEADER = "x-thumbtune-adapter-version";
   const KEY_STORE = "thumbtune.apiKey";
+  const SETTINGS_STORE = "thumbtune.sampling";
+  // What a user of a small chat model wants by default: varied but on topic, and short enough to read
+  // (SmolLM2-135M at the server's own defaults, T = 1 and 256 tokens, rambles for ~13 s per answer).
+  const DEFAULTS = { temperature: 0.7, top_p: 0.9, max_tokens: 128 };
   const LABELS = ["A", "B", "C", "D"];
 
   const $ = (id) => document.getElementById(id);
@@ -17,6 +21,8 @@
   const prompt = $("prompt");
   const sendButton = $("send");
   const compare = $("compare");
+  const compareN = $("compare-n");
+  const fields = { temperature: $("temperature"), top_p: $("top-p"), max_tokens: $("max-tokens") };
   const keyForm = $("key-form");
   const keyInput = $("api-key");
   const keyHelp = $("key-help");
@@ -207,7 +213,7 @@
       h("span", { class: "badge-version", text: adapter || "?" }));
   }
 
-  // One answer card; `label` is "A"/"B" in compare mode, null for a single answer.
+  // One answer card; `label` is "A" to "D" in compare mode, null for a single answer.
   function answerCard(label) {
     const body = h("div", { class: "msg-body", "aria-busy": "true" },
       h("span", { class: "typing", role: "img", "aria-label": "Writing an answer" }, h("i"), h("i"), h("i")));
@@ -329,47 +335,52 @@
     return h("div", { class: "feedback-wrap" }, bar, panel, status);
   }
 
-  // "A is better" buttons under two answers to the same prompt; `entry` is the history slot to update.
-  function choiceBar(turn, cards, entry) {
-    const status = h("p", { class: "fb-status", role: "status" });
-    const buttons = cards.map((card) => {
-      const button = h("button", { type: "button", class: "btn btn-choose", "aria-pressed": "false" },
-        icon("up"), h("span", { text: `${card.label} is better` }));
-      card.el.append(button);
-      return button;
-    });
+  // --- answer settings (sent with every request; kept in this browser) -------------------------------
 
-    async function choose(i) {
-      const chosen = cards[i];
-      const rejected = cards[1 - i];
-      for (const b of buttons) b.disabled = true;
-      status.className = "fb-status";
-      status.textContent = "Sending…";
-      try {
-        await post(FEEDBACK_URL, { chosen: chosen.responseId, rejected: rejected.responseId });
-        buttons[i].setAttribute("aria-pressed", "true");
-        chosen.meta.append(h("span", { class: "badge badge-good", text: "Preferred" }));
-        chosen.el.classList.add("chosen");
-        rejected.el.classList.add("rejected");
-        turn.dataset.chosen = chosen.label;
-        entry.content = chosen.text; // the conversation goes on from the preferred answer
-        status.textContent = `Thanks! You preferred answer ${chosen.label}; the conversation goes on from it.`;
-      } catch (err) {
-        if (err.status === 401) {
-          for (const b of buttons) b.disabled = false;
-          status.textContent = "";
-          askForKey(err, () => choose(i));
-          return;
-        }
-        status.className = "fb-status error";
-        status.textContent = friendly(err, "rate");
-        if (err.status !== 404 && err.status !== 409) for (const b of buttons) b.disabled = false;
-      }
+  function loadSettings() {
+    let saved = {};
+    try {
+      saved = JSON.parse(localStorage.getItem(SETTINGS_STORE) || "{}") || {};
+    } catch {
+      saved = {};
     }
-
-    buttons.forEach((b, i) => b.addEventListener("click", () => choose(i)));
-    return status;
+    for (const [name, input] of Object.entries(fields)) {
+      input.value = String(name in saved ? saved[name] : DEFAULTS[name]);
+    }
   }
+
+  // The settings as numbers; an empty or out-of-range field counts as its default (and is marked invalid).
+  function sampling() {
+    const values = {};
+    for (const [name, input] of Object.entries(fields)) {
+      const value = Number(input.value);
+      values[name] = input.value !== "" && input.checkValidity() && Number.isFinite(value) ? value : DEFAULTS[name];
+    }
+    return values;
+  }
+
+  function saveSettings() {
+    try {
+      localStorage.setItem(SETTINGS_STORE, JSON.stringify(sampling()));
+    } catch {
+      /* storage refused: the settings last until reload */
+    }
+  }
+
+  for (const input of Object.values(fields)) input.addEventListener("change", saveSettings);
+  $("reset-settings").addEventListener("click", () => {
+    try {
+      localStorage.removeItem(SETTINGS_STORE);
+    } catch {
+      /* nothing stored */
+    }
+    loadSettings();
+  });
+
+  const compareUI = window.thumbtuneCompare({ h, icon, post, friendly, askForKey, FEEDBACK_URL });
+  compare.addEventListener("change", () => {
+    compareN.disabled = !compare.checked;
+  });
 
   // --- streaming -----------------------------------------------------------------------------------
 
@@ -414,13 +425,13 @@
   async function sendMessage(text) {
     if (busy || !text.trim()) return;
     empty.hidden = true;
-    const n = compare.checked ? 2 : 1;
+    const n = compare.checked ? Number(compareN.value) : 1;
     const userItem = userBubble(text);
     log.append(userItem);
     const cards = Array.from({ length: n }, (_, i) => answerCard(n > 1 ? LABELS[i] : null));
     const turn = n > 1
       ? h("li", { class: "turn turn-compare", "data-compare": "true" },
-        h("p", { class: "compare-title", text: "Two answers. Which one is better?" }),
+        h("p", { class: "compare-title", text: compareUI.title(n) }),
         h("div", { class: "compare-grid" }, ...cards.map((c) => c.el)))
       : h("li", { class: "turn turn-assistant" }, cards[0].el);
     log.append(turn);
@@ -431,7 +442,8 @@
     controller = new AbortController();
     const mine = controller;
     try {
-      const resp = await post(CHAT_URL, { model: "thumbtune", messages, stream: true, n }, mine.signal);
+      const body = { model: "thumbtune", messages, stream: true, n, ...sampling() };
+      const resp = await post(CHAT_URL, body, mine.signal);
       const adapter = resp.headers.get(ADAPTER_HEADER);
       await readStream(resp, (choice) => {
         const card = cards[choice.index];
@@ -446,7 +458,7 @@
       const entry = { role: "assistant", content: cards[0].text };
       history = [...messages, entry];
       if (n > 1) {
-        turn.append(choiceBar(turn, cards, entry));
+        turn.append(compareUI.compareBar(turn, cards, entry));
       } else {
         cards[0].el.append(feedbackBar(cards[0]));
       }
@@ -520,5 +532,7 @@
   });
 
   showKeyState();
+  loadSettings();
+  compareN.disabled = !compare.checked;
   document.documentElement.dataset.ready = "true";
 })();

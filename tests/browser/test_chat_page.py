@@ -243,10 +243,10 @@ def test_errors_are_shown_inline_in_plain_words(page: Page, live_server_factory)
 def test_page_and_assets_are_served_without_anything_external(client) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for asset in ("/static/app.css", "/static/app.js"):
+    for asset in ("/static/app.css", "/static/compare.js", "/static/app.js"):
         assert asset in page.text
         assert client.get(asset).status_code == 200
-    for name in ("index.html", "app.css", "app.js"):
+    for name in ("index.html", "app.css", "compare.js", "app.js"):
         text = client.get(f"/static/{name}").text
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, (
             f"{name} refers to something outside this server"

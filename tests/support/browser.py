@@ -3,6 +3,7 @@ screenshots, and the checks every state of the page must pass (phone width, labe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.support import ROOT
@@ -19,7 +20,16 @@ DESKTOP = {"width": 1100, "height": 820}
 PHONE = {"width": 390, "height": 844}
 
 
-def open_page(page: Page, server) -> None:
+SETTINGS_STORE = "thumbtune.sampling"
+"""Where the page keeps its answer settings (service/static/app.js)."""
+
+
+def open_page(page: Page, server, max_tokens: int | None = 16) -> None:  # noqa: ANN001 - a LiveServer
+    """Open the chat page; ``max_tokens`` sets its answer length first (the tiny model's answers stay short
+    and a conversation fits the test server's context), None keeps the page's own default."""
+    if max_tokens is not None:
+        settings = json.dumps({"max_tokens": max_tokens})
+        page.add_init_script(f"localStorage.setItem({SETTINGS_STORE!r}, {settings!r})")
     page.goto(server.url + "/")
     expect(page.locator("html[data-ready=true]")).to_have_count(1)
     expect(page.get_by_role("heading", name="thumbtune")).to_be_visible()
