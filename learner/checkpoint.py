@@ -4,9 +4,10 @@ Layout of ``v<N>/`` (the file names are the contract's; every file but the manif
   ADAPTER_WEIGHTS, ADAPTER_CONFIG   the standard PEFT layout: PeftModel.from_pretrained(base, "v<N>") and
                                     vLLM's LoRA loader read the directory as is
   VALUE_HEAD_WEIGHTS                the critic, trained with the adapter
-  LEARNER_STATE                     optimizer, KL controller, reward and length statistics, and the trained
+  LEARNER_STATE                     optimizer, KL controller, reward and length statistics, the trained
                                     weights theta when the adapter file holds their Polyak average
-                                    (learner/average.py)
+                                    (learner/average.py), and the reward model's rated answers
+  REWARD_MODEL_WEIGHTS              the reward model's heads (learner/reward_model.py), when it has one
   MANIFEST                          `AdapterManifest`, written last by the store
 """
 
@@ -23,12 +24,14 @@ from safetensors.torch import save_file
 from learner.average import load_trained_weights, lora_parameters
 from learner.config import LearnerSettings
 from learner.policy import ADAPTER_NAME, Policy, resolve_device, resolve_precision
+from learner.reward_model import RewardModel
 from learner.update import LearnerState, finite
 from thumbtune.core.base_model import LoadedBase
 from thumbtune.core.contract import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LEARNER_STATE,
+    REWARD_MODEL_WEIGHTS,
     VALUE_HEAD_WEIGHTS,
     AdapterManifest,
 )
@@ -65,6 +68,9 @@ def save_version(
             {k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
             str(tmp / VALUE_HEAD_WEIGHTS),
         )
+        if state.reward_model is not None:
+            heads = state.reward_model.ensemble.state_dict()
+            save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / REWARD_MODEL_WEIGHTS))
 
     manifest = AdapterManifest(
         version=version,
@@ -99,7 +105,9 @@ def load_latest(
             base.model, settings, device, seed=learner_settings.seed, autocast_dtype=precision
         )
         log.info("adapter store %s is empty: training from the empty adapter v0", store)
-        return policy, LearnerState.create(policy, learner_settings, learner_settings.seed)
+        state = LearnerState.create(policy, learner_settings, learner_settings.seed)
+        state.reward_model = new_reward_model(policy, learner_settings)
+        return policy, state
 
     manifest = store.read_manifest(version)
     if manifest.base_fingerprint != base.fingerprint:
@@ -115,6 +123,7 @@ def load_latest(
     policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
     # the average (if any) starts from the stored adapter, which is the published w
     state = LearnerState.create(policy, learner_settings, learner_settings.seed)
+    state.reward_model = new_reward_model(policy, learner_settings)
     state_file = directory / LEARNER_STATE
     if state_file.is_file():
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -129,6 +138,20 @@ def load_latest(
         )
     log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
     return policy, state
+
+
+def new_reward_model(policy: Policy, learner_settings: LearnerSettings) -> RewardModel | None:
+    """An empty reward model for the policy's base (`features` are 2 x its hidden size); None when
+    THUMBTUNE_LEARNER_REWARD_MODEL_HEADS is 0."""
+    if not learner_settings.reward_model_heads:
+        return None
+    return RewardModel(
+        learner_settings.reward_model_heads,
+        2 * policy.value_head.summary.in_features,
+        capacity=learner_settings.reward_model_capacity,
+        l2=learner_settings.reward_model_l2,
+        seed=learner_settings.seed,
+    )
 
 
 def trained_event_ids(store: AdapterStore) -> set[str]:

@@ -118,6 +118,20 @@ class LearnerSettings(PPOConfig, BaseSettings):
         4, ge=0, description="Drop events served by an adapter over this many versions behind the learner."
     )
 
+    # --- the reward model (learner/reward_model.py) ------------------------------------------------------
+    reward_model_heads: int = Field(
+        4,
+        ge=0,
+        description="Heads of the reward-model ensemble fitted on every human rating (their spread is its "
+        "doubt); 0 = no reward model.",
+    )
+    reward_model_capacity: int = Field(
+        2048,
+        ge=1,
+        description="Newest rated answers the reward model is fitted on (and keeps, in half precision).",
+    )
+    reward_model_l2: float = Field(0.01, ge=0, description="L2 penalty lambda on each head's weights.")
+
     # --- process ------------------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")
     precision: Literal["auto", "bfloat16", "float32"] = Field(

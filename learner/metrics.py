@@ -140,6 +140,37 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
         "average_gap",
         "||theta - w|| / ||w||: how far the trained LoRA weights are ahead of the published average.",
     ),
+    # the reward model (learner/reward_model.py), each batch scored before it is trained on (prequential)
+    "reward_model.accuracy": (
+        "reward_model_accuracy",
+        "Reward model: share of the last batch's thumbs and "
+        "ratings it predicted the sign of, before training on them.",
+    ),
+    "reward_model.auc": (
+        "reward_model_auc",
+        "Reward model: AUC on the last batch's thumbs and ratings, before training on them.",
+    ),
+    "reward_model.log_loss": (
+        "reward_model_log_loss",
+        "Reward model: log-loss on the last batch's thumbs and ratings, before training on them.",
+    ),
+    "reward_model.pair_accuracy": (
+        "reward_model_pair_accuracy",
+        "Reward model: share of the last batch's compared pairs it ordered right, before training on them.",
+    ),
+    "reward_model.run_accuracy": (
+        "reward_model_run_accuracy",
+        "Reward model: prequential accuracy over every batch so far.",
+    ),
+    "reward_model.run_pair_accuracy": (
+        "reward_model_run_pair_accuracy",
+        "Reward model: prequential pair accuracy over every batch so far.",
+    ),
+    "reward_model.answers": ("reward_model_answers", "Rated answers the reward model is fitted on."),
+    "reward_model.update_s": (
+        "reward_model_update_seconds",
+        "Reward model: scoring and fitting the last batch, features included.",
+    ),
 }
 _DIAGNOSTIC_GAUGES = {
     name: Gauge(f"thumbtune_learner_{suffix}", help_, registry=REGISTRY)

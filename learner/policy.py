@@ -270,6 +270,27 @@ class Policy:
         return PolicyOutput(logprobs, values, entropy, tempered_lp, log_dist)
 
 
+@torch.no_grad()
+def features(policy: Policy, batch: Batch) -> Tensor:
+    """phi(x, y) = [h_T ; 1/T sum_t h_t] per row, [B, 2H] float32: the base's (adapter off) final hidden
+    state at each response token t of T, the last one and the mean (the input of learner/reward_model.py)."""
+    batch = batch.to(policy.device)
+    body = policy._hf.base_model
+    with policy._autocast(), policy.model.disable_adapter():
+        hidden = body(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state.float()
+    t = torch.arange(batch.mask.shape[1], device=policy.device)
+    positions = batch.prompt_lens.unsqueeze(1) + t.unsqueeze(0)  # the response tokens themselves
+    positions = positions.clamp(max=hidden.shape[1] - 1)
+    response = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    mask = batch.mask.unsqueeze(-1)
+    last = (batch.mask.sum(1).long() - 1).clamp(min=0)
+    h_last = response[torch.arange(len(batch), device=policy.device), last]
+    h_mean = (response * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.cat([h_last, h_mean], dim=-1).cpu()
+
+
 def _warn_if_lora_differs(stored: LoraConfig, configured: LoraConfig, version: str) -> None:
     """A stored adapter keeps its own shape; say so when THUMBTUNE_LORA_* now asks for another."""
     got = (stored.r, stored.lora_alpha, sorted(stored.target_modules))

@@ -11,12 +11,15 @@ the model and the store.
 from __future__ import annotations
 
 import logging
+import time
+
+import torch
 
 from learner.checkpoint import load_latest, save_version, trained_event_ids
 from learner.config import LearnerSettings
 from learner.events import SkipCounter, parse_event, stale_reason, validate_event
-from learner.policy import Batch
-from learner.update import ppo_update
+from learner.policy import Batch, features
+from learner.update import CPU_FORWARD_TOKENS, ppo_update, row_chunks
 from thumbtune.core.base_model import LoadedBase, load_base
 from thumbtune.core.contract import FeedbackEvent
 from thumbtune.core.settings import Settings
@@ -38,6 +41,8 @@ LOGGED = (
     "response_length_drift",
     "epochs",
     "update_s",
+    "reward_model.accuracy",
+    "reward_model.pair_accuracy",
 )
 
 
@@ -95,12 +100,13 @@ class Learner:
         ``offsets`` ('topic:partition' -> next offset) go into the manifest unchanged, so a consumer
         that resumes from the latest manifest neither loses nor re-trains events.
         """
+        reward_model = self._fit_reward_model(events)  # every human rating, stale or not
         events = self.drop_stale(events)
         if not events:
             log.warning("no fresh events left in the batch; no version written")
             return None
         batch = Batch.from_events(events, self.pad_id)
-        diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings)
+        diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings) | reward_model
         if self.state.average is not None:
             diagnostics["average_gap"] = self.state.average.update()
         diagnostics |= {f"skipped.{code}": float(n) for code, n in self.skips.drain().items()}
@@ -122,3 +128,20 @@ class Learner:
             " ".join(f"{k}={diagnostics[k]:.4g}" for k in LOGGED if k in diagnostics),
         )
         return version
+
+    def _fit_reward_model(self, events: list[FeedbackEvent]) -> dict[str, float]:
+        """Score the batch with the reward model as it is (prequential), then fit it on the batch too;
+        the figures as ``reward_model.*`` diagnostics. The base's features cost one no-grad pass."""
+        model = self.state.reward_model
+        if model is None or not events:
+            return {}
+        started = time.perf_counter()
+        batch = Batch.from_events(events, self.pad_id)
+        index = torch.arange(len(batch))
+        max_tokens = CPU_FORWARD_TOKENS if self.policy.device.type == "cpu" else None
+        phi = torch.cat(
+            [features(self.policy, batch.subset(rows)) for rows in row_chunks(batch, index, max_tokens)]
+        )
+        figures = model.observe(events, phi)
+        figures["update_s"] = time.perf_counter() - started
+        return {f"reward_model.{name}": value for name, value in figures.items()}

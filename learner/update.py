@@ -49,6 +49,7 @@ from learner.ppo import (
     token_rewards,
     truncated_importance_weights,
 )
+from learner.reward_model import RewardModel
 from thumbtune.core.divergence import exact_kl, kl_k3
 
 GAMMA = 1.0
@@ -69,6 +70,8 @@ class LearnerState:
     updates: int = 0
     average: WeightAverage | None = None
     """The published Polyak average of the LoRA weights (learner/average.py); None: publish theta."""
+    reward_model: RewardModel | None = None
+    """The reward model fitted on every human rating so far (learner/reward_model.py); None: none."""
 
     @classmethod
     def create(cls, policy: Policy, cfg: PPOConfig, seed: int = 0) -> LearnerState:
@@ -90,6 +93,7 @@ class LearnerState:
             "updates": self.updates,
             # theta, when the adapter file holds the average w instead (see learner/average.py)
             **({"trained_weights": trained_weights(self.average.params)} if self.average else {}),
+            **({"reward_model": self.reward_model.state_dict()} if self.reward_model else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -103,6 +107,8 @@ class LearnerState:
         self.length_moments.load_state_dict(state["length_moments"])
         self.generator.set_state(state["generator"])
         self.updates = int(state["updates"])
+        if self.reward_model is not None and "reward_model" in state:
+            self.reward_model.load_state_dict(state["reward_model"])
 
 
 CPU_FORWARD_TOKENS = 1024

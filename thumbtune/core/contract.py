@@ -48,6 +48,8 @@ VALUE_HEAD_WEIGHTS = "value_head.safetensors"
 """The learner's critic; servers do not read it."""
 LEARNER_STATE = "learner_state.pt"
 """Optimizer, KL controller and statistics a resumed learner continues from; servers do not read it."""
+REWARD_MODEL_WEIGHTS = "reward_model.safetensors"
+"""The reward model the learner had fitted when it wrote the version (its heads and feature scaling)."""
 
 
 class FeedbackKind(str, Enum):
