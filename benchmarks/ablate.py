@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import thumb_event, worker_argv, worker_env
-from benchmarks.evaluate import Evaluator, sample_with_logprobs
+from benchmarks.evaluate import Evaluator
 from learner.config import LearnerSettings, PPOConfig
 from learner.policy import Batch, Policy, resolve_precision
+from learner.rollout import sample_with_logprobs
 from learner.update import LearnerState, finite, ppo_update
 from thumbtune.cli import rules
 from thumbtune.cli.simulate import load_prompts

@@ -126,27 +126,44 @@ def bench_loop(
         1, min=1, help="Evaluate every Nth version (always the base and the last)."
     ),
     seed: int = typer.Option(0, help="Seed of the users and the evaluation."),
+    signal: str = typer.Option(
+        None,
+        help="The embedded learner's signal: direct, reward_model or both (default: "
+        "THUMBTUNE_LEARNER_SIGNAL's). Several, comma-separated (e.g. direct,both), run one after another on "
+        "the same users and seeds into OUT/<signal> and are drawn side by side in OUT/side-by-side.png.",
+    ),
 ) -> None:
     """The whole loop with simulated users: approval, KL, capability per version; results.json + plot."""
     from benchmarks.loop import run  # lazy: start-up time (torch), for every `thumbtune` command
+    from benchmarks.loop_compare import parse_signals, side_by_side  # lazy: as above
 
+    options = dict(
+        rule=rule,
+        thumbs=thumbs,
+        users=users,
+        noise=noise,
+        choice=choice,
+        rank=rank,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        samples_per_prompt=samples_per_prompt,
+        eval_every=eval_every,
+        seed=seed,
+    )
     try:
-        run(
-            configure(),
-            rule=rule,
-            thumbs=thumbs,
-            out=out,
-            url=url,
-            adapter_store=adapter_store,
-            users=users,
-            noise=noise,
-            choice=choice,
-            rank=rank,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            samples_per_prompt=samples_per_prompt,
-            eval_every=eval_every,
-            seed=seed,
-        )
+        signals = parse_signals(signal) if signal is not None else []
+        if len(signals) > 1:
+            if url is not None:
+                raise ValueError("side by side starts one embedded system per signal: drop --url")
+            side_by_side(configure(), signals, out=out, **options)
+        else:
+            run(
+                configure(),
+                out=out,
+                url=url,
+                adapter_store=adapter_store,
+                signal=signals[0] if signals else None,
+                **options,
+            )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

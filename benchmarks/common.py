@@ -126,7 +126,7 @@ def thumb_event(
 ) -> FeedbackEvent:
     """The event a thumb on an answer the benchmark sampled (T = 1, no top-p) becomes, as a server would
     record it. ``ids``: (event id, response id, completion id); ``sampled``: the answer's tokens and
-    behaviour log-probs (`benchmarks.evaluate.sample_with_logprobs`)."""
+    behaviour log-probs (`learner.rollout.sample_with_logprobs`)."""
     event_id, response_id, completion_id = ids
     answer, logprobs = sampled
     value = "up" if up else "down"

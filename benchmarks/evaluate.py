@@ -44,37 +44,6 @@ def activate_version(model, base_model, directory: Path, version: str):  # noqa:
     return model
 
 
-def sample_with_logprobs(
-    model, prompts: list[list[int]], *, pad: int, eos: list[int], max_tokens: int
-) -> list[tuple[list[int], list[float]]]:
-    """One batched ``generate`` (left padding, T = 1, no top-k/top-p) with torch's current seed: each answer
-    cut after its first end token (which stays in), and log_softmax(z_t)[a_t] per token of the raw logits
-    (what the server records at T = 1). The benchmarks' stand-in for answers a server served."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=attention,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_tokens,
-        pad_token_id=pad,
-        eos_token_id=eos,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    tokens = out.sequences[:, width:]
-    logp = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    answers = []
-    for row, lps in zip(tokens.tolist(), logp.tolist(), strict=True):
-        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        answers.append((row[:n], [min(x, 0.0) for x in lps[:n]]))
-    return answers
-
-
 @dataclass(frozen=True)
 class CapabilityItem:
     id: str

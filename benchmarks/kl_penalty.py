@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.evaluate import Evaluator, activate_version, sample_with_logprobs
+from benchmarks.evaluate import Evaluator, activate_version
+from learner.rollout import sample_with_logprobs
 from thumbtune.cli import rules
 from thumbtune.cli.simulate import load_prompts
 from thumbtune.core.base_model import load_base

@@ -31,11 +31,11 @@ from peft import get_peft_model
 from rich.console import Console
 
 from benchmarks.common import Window, load, peak_rss, thumb_event, warm_up, worker_argv, worker_env
-from benchmarks.evaluate import sample_with_logprobs
 from benchmarks.learn_report import report
 from benchmarks.prompts import LEARN as PROMPTS
 from learner.config import LearnerSettings, PPOConfig
 from learner.policy import Batch, Policy, cpu_has_fast_bf16
+from learner.rollout import sample_with_logprobs
 from learner.update import LearnerState, finite, ppo_update
 from thumbtune.core.chat import encode_chat, end_token_ids
 from thumbtune.core.contract import FeedbackEvent

@@ -44,9 +44,10 @@ READY_LINE = "thumbtune is ready"
 
 class EmbeddedSystem:
     """`thumbtune up` as a child process on free ports, its adapter store and spool under `root`; its output
-    goes to ``log_path``, and the lines worth watching (`up`'s, new versions, refusals) to stdout too."""
+    goes to ``log_path``, and the lines worth watching (`up`'s, new versions, refusals) to stdout too.
+    ``env`` adds to (and wins over) this process's environment, e.g. a learner setting."""
 
-    def __init__(self, root: Path, log_path: Path) -> None:
+    def __init__(self, root: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.store = root / "adapters"
         if self.store.exists() and any(self.store.iterdir()):
@@ -64,6 +65,7 @@ class EmbeddedSystem:
             THUMBTUNE_SPOOL_DIR=str(root / "spool"),
             THUMBTUNE_LEARNER_METRICS_HOST="127.0.0.1",
             THUMBTUNE_LEARNER_METRICS_PORT=str(metrics_port),
+            **(env or {}),
         )
         self.log_path = log_path
         self.child: ChildProcess | None = None
@@ -77,7 +79,7 @@ class EmbeddedSystem:
     def _line(self, line: str) -> None:
         self.log.write(line)
         self.log.flush()
-        if "[up]" in line or " version v" in line or "refused" in line:
+        if "[up]" in line or " version v" in line or "refused" in line or "training on " in line:
             print(line.rstrip(), flush=True)
 
     def __enter__(self) -> EmbeddedSystem:
@@ -106,6 +108,12 @@ class EmbeddedSystem:
         if self.child is not None:
             self.child.stop(grace=60)
         self.log.close()
+
+
+def _median_of(rows: list[dict], diagnostic: str) -> float | None:
+    """The median of one manifest diagnostic over the versions that have it."""
+    values = [r["diagnostics"][diagnostic] for r in rows if diagnostic in r["diagnostics"]]
+    return round(statistics.median(values), 3) if values else None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -211,8 +219,13 @@ def run(
     samples_per_prompt: int = 2,
     eval_every: int = 1,
     seed: int = 0,
+    signal: str | None = None,
 ) -> dict:
+    """One run; ``signal`` sets the embedded learner's THUMBTUNE_LEARNER_SIGNAL (None: the environment's)."""
     judge = load_rule(rule)
+    learner_env = {} if signal is None else {"THUMBTUNE_LEARNER_SIGNAL": signal}
+    if signal is not None and url is not None:
+        raise ValueError("--signal sets the embedded learner's; with --url, set it on the learner you run")
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after an hour of simulated users
         raise ValueError("bench loop draws learning.png with matplotlib: .venv/bin/pip install -e '.[bench]'")
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +240,7 @@ def run(
         "max_tokens": max_tokens,
         "samples_per_prompt": samples_per_prompt,
         "model": settings.model,
-        "learner": LearnerSettings().model_dump(mode="json"),
+        "learner": LearnerSettings(**({"signal": signal} if signal else {})).model_dump(mode="json"),
         "url": url or "embedded",
         "eval_every": eval_every,
         "cpu_count": os.cpu_count(),
@@ -249,7 +262,7 @@ def run(
         on_rating=progress_printer(50),
     )
     if url is None:
-        system = EmbeddedSystem(out, out / "system.log")
+        system = EmbeddedSystem(out, out / "system.log", env=learner_env)
         store = system.store
         print(f"[bench loop] starting the embedded system (log: {out / 'system.log'})", flush=True)
         with system:
@@ -314,16 +327,21 @@ def run(
             flush=True,
         )
 
-    reached = [r["thumbs"] for r in evaluated if r["approval"] >= TARGET_APPROVAL]
+    reached = [r for r in evaluated if r["approval"] >= TARGET_APPROVAL]
+    after = evaluated[evaluated.index(reached[0]) :] if reached else []
     to_live = [r["feedback_to_live_s"] for r in rows if r["feedback_to_live_s"] is not None]
+    last = rows[-1]["diagnostics"] if rows else {}
     summary = {
         "baseline_approval": evaluated[0]["approval"],
         "final_approval": evaluated[-1]["approval"],
         "best_approval": max(r["approval"] for r in evaluated),
         "thumbs_used": evaluated[-1]["thumbs"],
         "ratings_sent": len(report.ratings),
-        "thumbs_to_target": reached[0] if reached else None,
+        "thumbs_to_target": reached[0]["thumbs"] if reached else None,
+        "wall_s_to_target": reached[0]["wall_s"] if reached else None,
+        "min_approval_after_target": min(r["approval"] for r in after) if after else None,
         "target_approval": TARGET_APPROVAL,
+        "capability_min": min(r["capability"] for r in evaluated),
         "capability_base": evaluated[0]["capability"],
         "capability_final": evaluated[-1]["capability"],
         "capability_of": len(evaluator.capability_items),
@@ -331,6 +349,10 @@ def run(
         "final_mean_words": evaluated[-1]["mean_words"],
         "kl_to_base_final": evaluated[-1]["kl_to_base"],
         "feedback_to_live_s": statistics.median(to_live) if to_live else None,
+        "update_s_median": _median_of(rows, "update_s"),
+        "rollout_sample_s_median": _median_of(rows, "rollout.sample_s"),
+        "reward_model_run_accuracy": last.get("reward_model.run_accuracy"),
+        "reward_model_share_median": _median_of(rows, "signal.reward_model_share"),
         "feedback_to_live_s_max": max(to_live) if to_live else None,
         "versions": len(rows),
         "versions_seen_live": len(to_live),

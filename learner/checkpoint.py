@@ -25,6 +25,7 @@ from learner.average import load_trained_weights, lora_parameters
 from learner.config import LearnerSettings
 from learner.policy import ADAPTER_NAME, Policy, resolve_device, resolve_precision
 from learner.reward_model import RewardModel
+from learner.rollout import PromptPool
 from learner.update import LearnerState, finite
 from thumbtune.core.base_model import LoadedBase
 from thumbtune.core.contract import (
@@ -107,6 +108,7 @@ def load_latest(
         log.info("adapter store %s is empty: training from the empty adapter v0", store)
         state = LearnerState.create(policy, learner_settings, learner_settings.seed)
         state.reward_model = new_reward_model(policy, learner_settings)
+        state.prompts = PromptPool(learner_settings.prompt_pool)
         return policy, state
 
     manifest = store.read_manifest(version)
@@ -124,6 +126,7 @@ def load_latest(
     # the average (if any) starts from the stored adapter, which is the published w
     state = LearnerState.create(policy, learner_settings, learner_settings.seed)
     state.reward_model = new_reward_model(policy, learner_settings)
+    state.prompts = PromptPool(learner_settings.prompt_pool)
     state_file = directory / LEARNER_STATE
     if state_file.is_file():
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -151,6 +154,7 @@ def new_reward_model(policy: Policy, learner_settings: LearnerSettings) -> Rewar
         capacity=learner_settings.reward_model_capacity,
         l2=learner_settings.reward_model_l2,
         seed=learner_settings.seed,
+        window=learner_settings.reward_model_window,
     )
 
 

@@ -11,6 +11,7 @@ the server and the learner cannot disagree on them. The README's settings table 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,6 +89,15 @@ class PPOConfig(BaseModel):
         "beta penalty; 0 = the penalty alone.",
     )
 
+    # --- the pretraining mix (InstructGPT's PPO-ptx): + gamma * E_x~D_ptx[log pi(x)] ------------------
+    ptx_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Weight gamma of the pretraining-mix loss -gamma * (mean log-likelihood per token) of "
+        "plain text the base models well (learner/data/ptx.txt), added to every minibatch; 0 = none.",
+    )
+    ptx_batch: int = Field(2, ge=1, description="Pretraining-mix passages per minibatch (when ptx_coef > 0).")
+
     # --- what is published ------------------------------------------------------------------------------
     # 0.5: each version moves the served policy by half of what its update found (docs/BENCHMARKS.md, run 8)
     average_decay: float = Field(
@@ -131,6 +141,51 @@ class LearnerSettings(PPOConfig, BaseSettings):
         description="Newest rated answers the reward model is fitted on (and keeps, in half precision).",
     )
     reward_model_l2: float = Field(0.01, ge=0, description="L2 penalty lambda on each head's weights.")
+
+    # --- what the policy learns from (learner/rollout.py) -------------------------------------------------
+    signal: Literal["direct", "reward_model", "both"] = Field(
+        "both",
+        description="What PPO trains the policy on: 'direct' = the human-rated answers with their human "
+        "reward; 'reward_model' = the learner's own answers to users' prompts scored by the reward model "
+        "(human ratings train the reward model only); 'both' = the two in every update. Either falls back "
+        "to 'direct' while the reward model is below reward_model_min_accuracy.",
+    )
+    reward_model_kappa: float = Field(
+        1.0,
+        ge=0,
+        description="Pessimism of the reward model's scores of the learner's own answers: mean - kappa * "
+        "spread of the ensemble's heads.",
+    )
+    reward_model_min_accuracy: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        description="The reward model scores the policy's answers only while its prequential accuracy over "
+        "the last reward_model_window ratings is at least this; below it the learner trains on human "
+        "ratings alone.",
+    )
+    reward_model_window: int = Field(
+        128,
+        ge=1,
+        description="Newest prequential outcomes (thumbs, ratings and pairs scored before training) that "
+        "the accuracy floor is judged on; the floor is not met until the window is full.",
+    )
+    rollout_prompts: int = Field(
+        8, ge=1, description="Users' prompts (the newest distinct ones) the learner answers per update."
+    )
+    rollout_samples: int = Field(
+        4, ge=2, description="Answers the learner samples per prompt (their mean is each one's baseline)."
+    )
+    rollout_max_tokens: int = Field(48, ge=1, description="Longest answer the learner samples, in tokens.")
+    rollout_temperature: float = Field(1.0, gt=0, description="Temperature the learner samples at.")
+    ptx_text: Path | None = Field(
+        None,
+        description="Plain-text file of blank-line separated passages for the pretraining mix (ptx_coef); "
+        "unset = learner/data/ptx.txt.",
+    )
+    prompt_pool: int = Field(
+        256, ge=1, description="Distinct user prompts kept to sample from (the newest; kept across restarts)."
+    )
 
     # --- process ------------------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")

@@ -167,6 +167,31 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
         "Reward model: prequential pair accuracy over every batch so far.",
     ),
     "reward_model.answers": ("reward_model_answers", "Rated answers the reward model is fitted on."),
+    "reward_model.recent_accuracy": (
+        "reward_model_recent_accuracy",
+        "Reward model: prequential accuracy over its newest reward_model_window outcomes (thumbs, ratings "
+        "and pairs), what the accuracy floor is judged on.",
+    ),
+    "reward_model.trusted": (
+        "reward_model_trusted",
+        "1 while the reward model meets its accuracy floor (its scores may train the policy), else 0.",
+    ),
+    "signal.reward_model_share": (
+        "reward_model_share",
+        "Share of the last update's answers that were the learner's own, scored by the reward model.",
+    ),
+    "signal.human_answers": ("human_answers", "Human-rated answers PPO trained on in the last update."),
+    "signal.own_answers": ("own_answers", "The learner's own answers PPO trained on in the last update."),
+    "rollout.reward": (
+        "rollout_reward",
+        "Mean pessimistic reward-model score (in thumb units, -1..1) of the learner's own answers.",
+    ),
+    "rollout.spread": ("rollout_spread", "Mean spread of the ensemble's heads on the learner's own answers."),
+    "rollout.sample_s": ("rollout_sample_seconds", "Sampling the learner's own answers in the last update."),
+    "ptx_nll": (
+        "ptx_nll_nats",
+        "Negative log-likelihood per token of the pretraining-mix passages (when ptx_coef > 0).",
+    ),
     "reward_model.update_s": (
         "reward_model_update_seconds",
         "Reward model: scoring and fitting the last batch, features included.",

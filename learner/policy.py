@@ -84,9 +84,35 @@ class ValueHead(nn.Module):
         return self.summary(hidden.detach().to(self.summary.weight.dtype)).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One answer to train on: a human-rated event's (`of`) or one the learner sampled itself (rollout.py)."""
+
+    sample_id: str
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    behaviour_logprobs: list[float]
+    """log pi_b of each response token at ``temperature``"""
+    temperature: float
+    reward: float
+    centred: bool = False
+    """The reward already has its baseline subtracted (a rollout's leave-one-out baseline, rollout.py)."""
+
+    @classmethod
+    def of(cls, event: FeedbackEvent) -> Sample:
+        return cls(
+            event.event_id,
+            event.prompt_token_ids,
+            event.response_token_ids,
+            event.behaviour_logprobs,
+            event.sampling.logprob_temperature,
+            event.reward,
+        )
+
+
 @dataclass
 class Batch:
-    """Events collated for the model: responses right-padded to T, sequences to L = max(prompt + response)."""
+    """Answers collated for the model: responses right-padded to T, sequences to L = max(prompt + resp.)."""
 
     input_ids: Tensor  # [B, L] prompt + response, right-padded with pad_id
     attention_mask: Tensor  # [B, L]
@@ -96,10 +122,15 @@ class Batch:
     scores: Tensor  # [B] the user's reward R
     behaviour_logprobs: Tensor  # [B, T] log pi_b at the event's logprob temperature, 0 on padding
     temperatures: Tensor  # [B] SamplingParams.logprob_temperature
-    event_ids: list[str]
+    event_ids: list[str]  # the sample ids: event ids of human-rated answers
+    centred: Tensor | None = None  # [B] bool, Sample.centred; None: no row is
 
     @classmethod
     def from_events(cls, events: list[FeedbackEvent], pad_id: int) -> Batch:
+        return cls.from_samples([Sample.of(e) for e in events], pad_id)
+
+    @classmethod
+    def from_samples(cls, events: list[Sample], pad_id: int) -> Batch:
         if not events:
             raise ValueError("cannot collate an empty batch")
         n, lengths = len(events), [len(e.response_token_ids) for e in events]
@@ -123,8 +154,9 @@ class Batch:
             mask=mask,
             scores=torch.tensor([e.reward for e in events]),
             behaviour_logprobs=behaviour,
-            temperatures=torch.tensor([e.sampling.logprob_temperature for e in events]),
-            event_ids=[e.event_id for e in events],
+            temperatures=torch.tensor([e.temperature for e in events]),
+            event_ids=[e.sample_id for e in events],
+            centred=torch.tensor([e.centred for e in events]) if any(e.centred for e in events) else None,
         )
 
     def __len__(self) -> int:
@@ -144,6 +176,7 @@ class Batch:
             behaviour_logprobs=self.behaviour_logprobs[index, :resp_len],
             temperatures=self.temperatures[index],
             event_ids=[self.event_ids[i] for i in index.tolist()],
+            centred=None if self.centred is None else self.centred[index],
         )
 
     def to(self, device: torch.device) -> Batch:

@@ -29,7 +29,7 @@ ordered right.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -269,8 +269,12 @@ class RewardModel:
     """The ensemble and the rated answers it is fitted on: the newest ``capacity`` of them, with their
     features, labels and bootstrap weights. `observe` takes each new batch: score it, keep it, refit."""
 
-    def __init__(self, heads: int, dim: int, capacity: int = 2048, l2: float = 1e-2, seed: int = 0) -> None:
+    def __init__(
+        self, heads: int, dim: int, capacity: int = 2048, l2: float = 1e-2, seed: int = 0, window: int = 128
+    ) -> None:
         self.ensemble = Ensemble(heads, dim, l2)
+        self.recent: deque[float] = deque(maxlen=window)
+        """1 / 0 (a tied pair 1/2) per prequential outcome, newest last: thumbs and ratings by sign, pairs."""
         self.capacity = capacity
         self.generator = torch.Generator().manual_seed(seed)
         self.rated: list[Rated] = []
@@ -311,6 +315,11 @@ class RewardModel:
         losers = scores[[index[p.loser] for p in new_pairs]]
         figures = prequential(scores[len(self.rated) :], labels, point, winners, losers) if len(self) else {}
         self._add_to_totals(figures)
+        if len(self):
+            r, y = scores[len(self.rated) :][point], labels[point]
+            decided = y != 0.5
+            self.recent.extend(((r[decided] > 0) == (y[decided] > 0.5)).double().tolist())
+            self.recent.extend(((winners > losers).double() + 0.5 * (winners == losers).double()).tolist())
 
         # keep the newest `capacity` answers, with bootstrap weights drawn once for each
         draws = torch.poisson(torch.ones(self.ensemble.heads, len(new)), generator=self.generator)
@@ -356,6 +365,15 @@ class RewardModel:
             if self.totals.get(f"{name}_n")
         }
 
+    def recent_accuracy(self) -> tuple[float, int]:
+        """(share right, how many) of the newest ``window`` prequential outcomes; (nan, 0) before any."""
+        return (sum(self.recent) / len(self.recent) if self.recent else math.nan), len(self.recent)
+
+    def trusted(self, floor: float) -> bool:
+        """Whether the window is full and its prequential accuracy is at least ``floor``."""
+        accuracy, n = self.recent_accuracy()
+        return n == self.recent.maxlen and accuracy >= floor
+
     def score(self, features: Tensor, kappa: float = 0.0) -> tuple[Tensor, Tensor]:
         """(pessimistic score, spread) of answers with these features (`Ensemble.score`)."""
         return self.ensemble.score(features, kappa)
@@ -368,6 +386,7 @@ class RewardModel:
             "bootstrap": self.bootstrap,
             "generator": self.generator.get_state(),
             "totals": dict(self.totals),
+            "recent": list(self.recent),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -376,3 +395,4 @@ class RewardModel:
         self.features, self.bootstrap = state["features"], state["bootstrap"]
         self.generator.set_state(state["generator"])
         self.totals = defaultdict(float, state["totals"])
+        self.recent.extend(state.get("recent", []))

@@ -2,10 +2,21 @@
 
 An input loop hands each raw event to `Learner.admit` (parse, validate, deduplicate: a bad or
 repeated event is counted and logged, never raised), collects what it admits into batches, and
-calls `Learner.train(events, offsets)`, which drops stale events, runs one PPO update and writes
-one adapter version whose manifest records the events and the input offsets it covers. The
-input loop owns batching policy (batch_size, min_batch, max_wait_s) and offsets; this class owns
-the model and the store.
+calls `Learner.train(events, offsets)`, which fits the reward model on them, drops stale events, runs
+one PPO update and writes one adapter version whose manifest records the events and the input offsets
+it covers. The input loop owns batching policy (batch_size, min_batch, max_wait_s) and offsets; this
+class owns the model and the store.
+
+What the PPO update trains on is the ``signal`` setting (`Learner.signal`):
+
+    direct        the batch's human-rated answers, each with its human reward
+    reward_model  the learner's own answers to users' prompts, scored by the reward model (rollout.py);
+                  the human ratings train the reward model only
+    both          the two together in one update
+
+and 'reward_model' or 'both' fall back to 'direct' while the reward model's prequential accuracy over
+its newest ``reward_model_window`` outcomes is below ``reward_model_min_accuracy``: a learnt reward is
+only optimised while it keeps predicting ratings it has not seen.
 """
 
 from __future__ import annotations
@@ -18,9 +29,12 @@ import torch
 from learner.checkpoint import load_latest, save_version, trained_event_ids
 from learner.config import LearnerSettings
 from learner.events import SkipCounter, parse_event, stale_reason, validate_event
-from learner.policy import Batch, features
+from learner.policy import Batch, Sample, features
+from learner.ptx import PTX_TEXT, PretrainingMix
+from learner.rollout import pessimistic_reward, rollouts, scored
 from learner.update import CPU_FORWARD_TOKENS, ppo_update, row_chunks
 from thumbtune.core.base_model import LoadedBase, load_base
+from thumbtune.core.chat import end_token_ids
 from thumbtune.core.contract import FeedbackEvent
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import AdapterStore, make_adapter_store
@@ -43,6 +57,10 @@ LOGGED = (
     "update_s",
     "reward_model.accuracy",
     "reward_model.pair_accuracy",
+    "reward_model.recent_accuracy",
+    "signal.reward_model_share",
+    "rollout.reward",
+    "rollout.sample_s",
 )
 
 
@@ -64,6 +82,10 @@ class Learner:
         """Ids trained on (per the store) or admitted since the start: a later copy is a duplicate."""
         self.max_length: int | None = getattr(self.base.model.config, "max_position_embeddings", None)
         self.pad_id: int = self.base.tokenizer.pad_token_id
+        self.eos_ids = end_token_ids(self.base.model, self.base.tokenizer)
+        ls = learner_settings
+        self.ptx = PretrainingMix(self.base.tokenizer, ls.ptx_text or PTX_TEXT) if ls.ptx_coef > 0 else None
+        self._signal: str | None = None
 
     @property
     def version(self) -> str:
@@ -101,12 +123,22 @@ class Learner:
         that resumes from the latest manifest neither loses nor re-trains events.
         """
         reward_model = self._fit_reward_model(events)  # every human rating, stale or not
+        self.state.prompts.add(events)
         events = self.drop_stale(events)
         if not events:
             log.warning("no fresh events left in the batch; no version written")
             return None
-        batch = Batch.from_events(events, self.pad_id)
-        diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings) | reward_model
+        signal = self.signal()
+        human = [Sample.of(e) for e in events] if signal in ("direct", "both") else []
+        own, figures = self._rollouts() if signal in ("reward_model", "both") else ([], {})
+        batch = Batch.from_samples(human + own, self.pad_id)
+        diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings, self.ptx)
+        diagnostics |= reward_model | figures
+        diagnostics |= {
+            "signal.human_answers": float(len(human)),
+            "signal.own_answers": float(len(own)),
+            "signal.reward_model_share": len(own) / len(batch),
+        }
         if self.state.average is not None:
             diagnostics["average_gap"] = self.state.average.update()
         diagnostics |= {f"skipped.{code}": float(n) for code, n in self.skips.drain().items()}
@@ -116,7 +148,7 @@ class Learner:
             self.policy,
             self.state,
             base=self.base,
-            event_ids=batch.event_ids,
+            event_ids=[e.event_id for e in events],
             offsets=offsets,
             diagnostics=diagnostics,
         )
@@ -129,6 +161,67 @@ class Learner:
         )
         return version
 
+    def signal(self) -> str:
+        """What this update trains on: the configured signal, or 'direct' while the reward model is not
+        trusted (none configured, its window not yet full, or its accuracy there below the floor)."""
+        ls, model = self.learner_settings, self.state.reward_model
+        wanted = ls.signal
+        if wanted != "direct" and (model is None or not model.trusted(ls.reward_model_min_accuracy)):
+            wanted = "direct"
+        if wanted != self._signal:
+            accuracy, n = model.recent_accuracy() if model is not None else (float("nan"), 0)
+            log.info(
+                "training on %s (configured: %s; reward model accuracy %.3f over its newest %d outcomes, "
+                "floor %.2f over %d)",
+                "human ratings alone" if wanted == "direct" else wanted,
+                ls.signal,
+                accuracy,
+                n,
+                ls.reward_model_min_accuracy,
+                ls.reward_model_window,
+            )
+            self._signal = wanted
+        return wanted
+
+    def _rollouts(self) -> tuple[list[Sample], dict[str, float]]:
+        """The policy's own answers to users' prompts, scored by the reward model (learner/rollout.py)."""
+        ls, model = self.learner_settings, self.state.reward_model
+        assert model is not None
+        started = time.perf_counter()
+        prompts = self.state.prompts.draw(ls.rollout_prompts, self.state.generator)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.state.generator))
+        own = rollouts(
+            self.policy,
+            prompts,
+            samples=ls.rollout_samples,
+            max_tokens=ls.rollout_max_tokens,
+            temperature=ls.rollout_temperature,
+            pad=self.pad_id,
+            eos=self.eos_ids,
+            seed=seed,
+            name=f"rollout-{self.state.updates}",
+        )
+        sampled = time.perf_counter()
+        rewards, spread = pessimistic_reward(
+            model.ensemble, self._features(Batch.from_samples(own, self.pad_id)), ls.reward_model_kappa
+        )
+        figures = {
+            "rollout.reward": rewards.mean().item(),
+            "rollout.spread": spread.mean().item(),
+            "rollout.length": sum(len(s.response_token_ids) for s in own) / len(own),
+            "rollout.sample_s": sampled - started,
+            "rollout.score_s": time.perf_counter() - sampled,
+        }
+        return scored(own, rewards, ls.rollout_samples), figures
+
+    def _features(self, batch: Batch) -> torch.Tensor:
+        """`features` of every row, in row chunks within the CPU forward budget."""
+        index = torch.arange(len(batch))
+        max_tokens = CPU_FORWARD_TOKENS if self.policy.device.type == "cpu" else None
+        return torch.cat(
+            [features(self.policy, batch.subset(rows)) for rows in row_chunks(batch, index, max_tokens)]
+        )
+
     def _fit_reward_model(self, events: list[FeedbackEvent]) -> dict[str, float]:
         """Score the batch with the reward model as it is (prequential), then fit it on the batch too;
         the figures as ``reward_model.*`` diagnostics. The base's features cost one no-grad pass."""
@@ -136,12 +229,8 @@ class Learner:
         if model is None or not events:
             return {}
         started = time.perf_counter()
-        batch = Batch.from_events(events, self.pad_id)
-        index = torch.arange(len(batch))
-        max_tokens = CPU_FORWARD_TOKENS if self.policy.device.type == "cpu" else None
-        phi = torch.cat(
-            [features(self.policy, batch.subset(rows)) for rows in row_chunks(batch, index, max_tokens)]
-        )
-        figures = model.observe(events, phi)
+        figures = model.observe(events, self._features(Batch.from_events(events, self.pad_id)))
+        figures["recent_accuracy"], _ = model.recent_accuracy()
+        figures["trusted"] = float(model.trusted(self.learner_settings.reward_model_min_accuracy))
         figures["update_s"] = time.perf_counter() - started
         return {f"reward_model.{name}": value for name, value in figures.items()}

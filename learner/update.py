@@ -2,12 +2,14 @@
 
     1. no grad, at the start:  log pi_old, V_old, H(pi_old), tempered log pi_old  (adapter on)
                                log pi_ref                                          (adapter off)
-    2. R~ = clip((R - mean) / std)  with running statistics of every reward seen (not per batch)
+    2. R~ = clip((R - mean) / std)  with running statistics of every human reward seen (not per batch);
+                                    a rollout's R already has its baseline (learner/rollout.py): R / std
     3. r_t = -beta * k(pi_old, pi_ref) + [t = last] * R~      (k = k1 or k3, PPOConfig.kl_penalty)
     4. A, returns = GAE(r, V_old; gamma = 1, lambda);  A whitened over the batch
     5. w_t = min(c, pi_old(a_t) / pi_b(a_t))   (truncated importance weight, both at the event's T)
     6. K epochs x minibatches of  loss = w * clipped surrogate + c_v * clipped value loss - c_e * H
-                                  + c_kl * exact KL(pi_theta || pi_ref) per token (off unless c_kl > 0),
+                                  + c_kl * exact KL(pi_theta || pi_ref) per token (off unless c_kl > 0)
+                                  - gamma * mean_t log pi_theta(x_t) on pretraining text (learner/ptx.py),
        AdamW over the LoRA weights + value head, gradient-norm clipping; stop early once the epoch's
        approx-KL(pi_old || pi_theta) passes the threshold
     7. beta <- KL controller(mean over responses of sum_t (log pi_old - log pi_ref))
@@ -49,7 +51,9 @@ from learner.ppo import (
     token_rewards,
     truncated_importance_weights,
 )
+from learner.ptx import PretrainingMix
 from learner.reward_model import RewardModel
+from learner.rollout import PromptPool
 from thumbtune.core.divergence import exact_kl, kl_k3
 
 GAMMA = 1.0
@@ -72,6 +76,8 @@ class LearnerState:
     """The published Polyak average of the LoRA weights (learner/average.py); None: publish theta."""
     reward_model: RewardModel | None = None
     """The reward model fitted on every human rating so far (learner/reward_model.py); None: none."""
+    prompts: PromptPool = field(default_factory=lambda: PromptPool(256))
+    """The newest distinct prompts users sent, which the learner answers itself (learner/rollout.py)."""
 
     @classmethod
     def create(cls, policy: Policy, cfg: PPOConfig, seed: int = 0) -> LearnerState:
@@ -94,6 +100,7 @@ class LearnerState:
             # theta, when the adapter file holds the average w instead (see learner/average.py)
             **({"trained_weights": trained_weights(self.average.params)} if self.average else {}),
             **({"reward_model": self.reward_model.state_dict()} if self.reward_model else {}),
+            "prompts": self.prompts.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -109,6 +116,7 @@ class LearnerState:
         self.updates = int(state["updates"])
         if self.reward_model is not None and "reward_model" in state:
             self.reward_model.load_state_dict(state["reward_model"])
+        self.prompts.load_state_dict(state.get("prompts", []))
 
 
 CPU_FORWARD_TOKENS = 1024
@@ -153,8 +161,25 @@ def importance_weights(policy: Policy, batch: Batch, c: float) -> Tensor:
     return truncated_importance_weights(out.tempered_logprobs, batch.behaviour_logprobs, batch.mask, c)
 
 
-def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig) -> dict[str, float]:
-    """Train ``policy`` on ``batch`` in place (steps 1-7 above) and return the update's diagnostics."""
+def normalised_scores(batch: Batch, state: LearnerState, cfg: PPOConfig) -> Tensor:
+    """Step 2: human rewards centred and scaled by the running moments (updated with them first); rows whose
+    reward is already centred (rollouts) only scaled by the same std; all clipped to +-reward_clip."""
+    scores = batch.scores.float()
+    if batch.centred is None:
+        state.reward_moments.update(batch.scores)
+        return state.reward_moments.normalize(scores, cfg.reward_clip)
+    human = ~batch.centred
+    if human.any():
+        state.reward_moments.update(batch.scores[human])
+    scaled = (scores / (state.reward_moments.std + 1e-8)).clamp(-cfg.reward_clip, cfg.reward_clip)
+    return torch.where(batch.centred, scaled, state.reward_moments.normalize(scores, cfg.reward_clip))
+
+
+def ppo_update(
+    policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig, ptx: PretrainingMix | None = None
+) -> dict[str, float]:
+    """Train ``policy`` on ``batch`` in place (steps 1-7 above) and return the update's diagnostics; with
+    ``ptx`` and ``cfg.ptx_coef`` > 0 every minibatch adds the pretraining-mix term."""
     started = time.perf_counter()
     batch = batch.to(policy.device)
     mask = batch.mask
@@ -170,8 +195,7 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
 
     # 2-5. rewards, advantages, importance weights
     beta = state.kl_controller.value
-    state.reward_moments.update(batch.scores)
-    scores = state.reward_moments.normalize(batch.scores.float(), cfg.reward_clip)
+    scores = normalised_scores(batch, state, cfg)
     rewards = token_rewards(scores, old_logprobs, ref.logprobs, mask, beta, cfg.kl_penalty)
     advantages, returns = gae(rewards, old_values, mask, GAMMA, cfg.lam)
     advantages = masked_whiten(advantages, mask)
@@ -215,6 +239,8 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
                 (loss * share).backward()
                 for name in ("policy_loss", "value_loss", "approx_kl", "clipfrac", *kl_loss_name):
                     minibatch[name] += share * diag[name]
+            if ptx is not None and cfg.ptx_coef > 0:
+                minibatch["ptx_nll"] = pretraining_mix_step(policy, ptx, state, cfg)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             state.optimizer.step()
             for name, value in minibatch.items():
@@ -243,7 +269,7 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
         "beta": beta,
         "beta_next": state.kl_controller.value,
         "explained_variance": explained_variance(old_values, returns, mask).item(),
-        "mean_reward": batch.scores.float().mean().item(),
+        "mean_reward": human_mean(batch),
         "mean_normalized_reward": scores.mean().item(),
         "is_weight_mean": masked_mean(is_weights, mask).item(),
         "is_ess": effective_sample_size(is_weights, mask).item(),
@@ -257,6 +283,22 @@ def ppo_update(policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig
         "tokens_per_s": mask.sum().item() * epochs_run / elapsed,
     }
     return {name: float(value) for name, value in diagnostics.items()}
+
+
+def pretraining_mix_step(policy: Policy, ptx: PretrainingMix, state: LearnerState, cfg: PPOConfig) -> float:
+    """Backpropagate L_ptx = -gamma * mean_t log pi_theta(x_t | x_<t) on ``ptx_batch`` passages
+    (learner/ptx.py) into the minibatch's gradient; returns the passages' mean NLL per token."""
+    passages = ptx.batch(cfg.ptx_batch, state.generator)
+    out = policy.forward_batch(passages, with_values=False)
+    nll = -masked_mean(out.logprobs, passages.mask.to(policy.device))
+    (cfg.ptx_coef * nll).backward()
+    return nll.item()
+
+
+def human_mean(batch: Batch) -> float:
+    """The mean reward of the batch's human-rated rows (nan when it has none)."""
+    scores = batch.scores.float() if batch.centred is None else batch.scores.float()[~batch.centred]
+    return scores.mean().item() if len(scores) else math.nan
 
 
 def finite(diagnostics: dict[str, float]) -> dict[str, float]:

@@ -81,9 +81,24 @@ def approval(url: str, model: str, prompts: list[str], n: int) -> float:
     return hits / total
 
 
+SIGNALS = {
+    "direct": {},
+    # the reward model judged on its newest 64 outcomes: trusted from the third batch on when it predicts
+    "reward_model": {
+        "reward_model_window": 64,
+        "rollout_prompts": 8,
+        "rollout_samples": 4,
+        "rollout_max_tokens": MAX_TOKENS,
+    },
+}
+
+
+@pytest.mark.parametrize("signal", list(SIGNALS))
 def test_simulated_thumbs_train_versions_the_server_swaps_in_and_approval_rises(
-    live_server_factory, kafka: EmbeddedBroker, sharp_model_dir: Path, tmp_path: Path
+    live_server_factory, kafka: EmbeddedBroker, sharp_model_dir: Path, tmp_path: Path, signal: str
 ) -> None:
+    """``direct``: PPO on the rated answers; ``reward_model``: on the learner's own answers to the users'
+    prompts, scored by the reward model the ratings train (human ratings alone until it is trusted)."""
     store = LocalAdapterStore(tmp_path / "adapters")
     server = live_server_factory(
         model=str(sharp_model_dir),
@@ -116,6 +131,8 @@ def test_simulated_thumbs_train_versions_the_server_swaps_in_and_approval_rises(
             max_staleness=1000,
             metrics_port=0,
             seed=0,
+            signal=signal,
+            **SIGNALS[signal],
         ),
     )
     stop = threading.Event()
@@ -189,6 +206,16 @@ def test_simulated_thumbs_train_versions_the_server_swaps_in_and_approval_rises(
         assert e.adapter_version == rating.adapter_version
         assert e.reward == (1.0 if rating.feedback["thumb"] == "up" else -1.0)
         assert (e.reward > 0) == (target in rating.responses[0])
+    manifests = [store.read_manifest(v) for v in learner.versions]
+    own = [m.diagnostics["signal.own_answers"] for m in manifests]
+    if signal == "direct":
+        assert not any(own)
+    else:  # human ratings alone until the reward model was trusted, then the learner's own answers alone
+        trusted = [m.diagnostics["reward_model.trusted"] == 1 for m in manifests]
+        assert trusted[:2] == [False, False] and sum(trusted) >= 3, [m.diagnostics for m in manifests]
+        for m, is_trusted in zip(manifests, trusted, strict=True):
+            assert m.diagnostics["signal.own_answers"] == (32 if is_trusted else 0)
+            assert m.diagnostics["signal.human_answers"] == (0 if is_trusted else 32)
     trained = [i for v in learner.versions for i in store.read_manifest(v).event_ids]
     assert len(trained) == len(set(trained)) == (RATINGS // BATCH) * BATCH
     assert set(trained) <= set(sent)
