@@ -164,8 +164,10 @@ class LearnerSettings(PPOConfig, BaseSettings):
         "the last reward_model_window ratings is at least this; below it the learner trains on human "
         "ratings alone.",
     )
+    # 64: trusted from the third batch of 32 on; the embedded model's reward model predicted 0.85-0.94 of the
+    # second batch's thumbs on `concise` (docs/BENCHMARKS.md)
     reward_model_window: int = Field(
-        128,
+        64,
         ge=1,
         description="Newest prequential outcomes (thumbs, ratings and pairs scored before training) that "
         "the accuracy floor is judged on; the floor is not met until the window is full.",

@@ -25,3 +25,14 @@ def test_without_the_benchmarks_bench_says_where_to_get_them(tmp_path: Path) -> 
     result = CliRunner().invoke(installed, ["bench", "loop", "--thumbs", "10"])
     assert result.exit_code == 2 and "from a checkout" in result.output
     assert add_benchmarks(typer.Typer(), ROOT) is True
+
+
+def test_on_topic_counts_the_prompts_content_words_in_the_answer() -> None:
+    from thumbtune.cli.rules import content_words, load_rule
+
+    on_topic = load_rule("on-topic")
+    prompt = "How do I keep guacamole from turning brown overnight?"
+    assert content_words(prompt) == {"keep", "guacamole", "turning", "brown", "overnight"}
+    assert on_topic(prompt, "Press plastic wrap on the guacamole to keep it from turning brown.")
+    assert not on_topic(prompt, "Guacamole turns brown: what would you like to know about that?")  # 2 words
+    assert not on_topic(prompt, "")

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 Rule = Callable[[str, str], "bool | float"]
 RULE_HELP = (
-    "How users rate: concise (<= 30 words), no-lists, polite, or package.module:function"
+    "How users rate: concise (<= 30 words), no-lists, polite, on-topic (uses 3 of the prompt's words), or "
+    "package.module:function"
     "(prompt, response) -> bool | float in [0, 1] (a float becomes a 1-5 rating)."
 )
 
@@ -30,6 +31,13 @@ _COURTESY = re.compile(
 _RUDE = re.compile(r"\b(stupid|dumb|idiot|shut up|whatever|obviously)\b", re.IGNORECASE)
 
 CONCISE_MAX_WORDS = 30
+ON_TOPIC_WORDS = 3
+_CONTENT_WORD = re.compile(r"[A-Za-z']{4,}")
+_FUNCTION_WORDS = frozenset(
+    "what that with does have your about this there their they them from which when where would could "
+    "should will into some than then very just like make best good more most also been were want know "
+    "tell give write explain describe please help need much many each other these those".split()
+)
 
 
 def words(text: str) -> int:
@@ -52,7 +60,18 @@ def polite(prompt: str, response: str) -> bool:
     return _COURTESY.search(response) is not None and _RUDE.search(response) is None
 
 
-BUILTIN: dict[str, Rule] = {"concise": concise, "no-lists": no_lists, "polite": polite}
+def content_words(text: str) -> set[str]:
+    """The lower-cased words of 4+ letters in ``text`` that are not function words (`on_topic`'s unit)."""
+    return {w.lower() for w in _CONTENT_WORD.findall(text)} - _FUNCTION_WORDS
+
+
+def on_topic(prompt: str, response: str) -> bool:
+    """Approve answers that use at least 3 of the prompt's content words: they answer what was asked.
+    Written for issue 13's second rule (the embedded model meets it in 22% of its answers at T = 1)."""
+    return len(content_words(prompt) & content_words(response)) >= ON_TOPIC_WORDS
+
+
+BUILTIN: dict[str, Rule] = {"concise": concise, "no-lists": no_lists, "polite": polite, "on-topic": on_topic}
 
 
 def load_rule(spec: str) -> Rule:
