@@ -4,6 +4,7 @@
                                log pi_ref                                          (adapter off)
     2. R~ = clip((R - mean) / std)  with running statistics of every human reward seen (not per batch);
                                     a rollout's R already has its baseline (learner/rollout.py): R / std
+                                    with the std of this update's rollout rewards
     3. r_t = -beta * k(pi_old, pi_ref) + [t = last] * R~      (k = k1 or k3, PPOConfig.kl_penalty)
     4. A, returns = GAE(r, V_old; gamma = 1, lambda);  A whitened over the batch
     5. w_t = min(c, pi_old(a_t) / pi_b(a_t))   (truncated importance weight, both at the event's T)
@@ -163,7 +164,10 @@ def importance_weights(policy: Policy, batch: Batch, c: float) -> Tensor:
 
 def normalised_scores(batch: Batch, state: LearnerState, cfg: PPOConfig) -> Tensor:
     """Step 2: human rewards centred and scaled by the running moments (updated with them first); rows whose
-    reward is already centred (rollouts) only scaled by the same std; all clipped to +-reward_clip."""
+    reward is already centred (rollouts) scaled by their own std in this batch, so that one of them weighs
+    as much as a human rating (a reward model's differences between similar answers are small: at the
+    human std they were drowned by the KL penalty, and the policy did not learn); all clipped to
+    +-reward_clip."""
     scores = batch.scores.float()
     if batch.centred is None:
         state.reward_moments.update(batch.scores)
@@ -171,7 +175,9 @@ def normalised_scores(batch: Batch, state: LearnerState, cfg: PPOConfig) -> Tens
     human = ~batch.centred
     if human.any():
         state.reward_moments.update(batch.scores[human])
-    scaled = (scores / (state.reward_moments.std + 1e-8)).clamp(-cfg.reward_clip, cfg.reward_clip)
+    own = scores[batch.centred]
+    own_std = own.std().item() if len(own) > 1 else 1.0
+    scaled = (scores / max(own_std, 1e-6)).clamp(-cfg.reward_clip, cfg.reward_clip)
     return torch.where(batch.centred, scaled, state.reward_moments.normalize(scores, cfg.reward_clip))
 
 

@@ -44,20 +44,21 @@ def test_the_pessimistic_reward_is_the_expected_thumb_of_mean_minus_kappa_spread
     )
 
 
-def test_rollout_rewards_are_scaled_but_not_recentred_human_rewards_both(tmp_path: Path) -> None:
+def test_rollout_rewards_are_scaled_by_their_own_std_human_rewards_by_the_running_moments() -> None:
     def sample(reward: float, centred: bool) -> Sample:
         return Sample("s", [1, 2], [3], [-0.5], 1.0, reward, centred)
 
     batch = Batch.from_samples(
-        [sample(1.0, False), sample(-1.0, False), sample(1.0, False), sample(0.3, True)], pad_id=0
+        [sample(1.0, False), sample(-1.0, False), sample(1.0, False), sample(0.3, True), sample(-0.1, True)],
+        pad_id=0,
     )
     state = LearnerState(optimizer=None, kl_controller=None)  # type: ignore[arg-type]
     scores = normalised_scores(batch, state, LearnerSettings())
     mean, std = 1 / 3, math.sqrt(((2 / 3) ** 2 * 2 + (4 / 3) ** 2) / 2)  # the three human rewards only
+    own_std = math.sqrt((0.2**2 + 0.2**2) / 1)  # 0.3 and -0.1 around their mean 0.1, n - 1 = 1
     assert state.reward_moments.count == 3 and state.reward_moments.mean == pytest.approx(mean)
-    torch.testing.assert_close(
-        scores, torch.tensor([(1 - mean) / std, (-1 - mean) / std, (1 - mean) / std, 0.3 / std])
-    )
+    expected = [(1 - mean) / std, (-1 - mean) / std, (1 - mean) / std, 0.3 / own_std, -0.1 / own_std]
+    torch.testing.assert_close(scores, torch.tensor(expected))
 
 
 def test_the_prompt_pool_keeps_the_newest_distinct_prompts_and_survives_a_restart(

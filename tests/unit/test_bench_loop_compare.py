@@ -1,0 +1,62 @@
+"""`thumbtune bench loop --signal a,b`: the runs side by side (benchmarks/loop_compare.py). The loop itself is
+tests/integration/test_loop.py's; here each run is a recorded result, so the joining is what is tested."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import loop_compare
+from thumbtune.core.settings import Settings
+
+
+def result(signal: str, to_target: int | None, wall: float) -> dict:
+    versions = [
+        {"version": "v0", "thumbs": 0, "wall_s": 0.0, "approval": 0.2},
+        {"version": "v4", "thumbs": 128, "wall_s": wall / 2, "approval": 0.5},
+        {"version": "v8", "thumbs": 256, "wall_s": wall, "approval": 0.85 if to_target else 0.6},
+    ]
+    rm = {"reward_model.recent_accuracy": 0.8}
+    return {
+        "config": {"rule": "concise", "signal": signal},
+        "summary": {"thumbs_to_target": to_target, "loop_wall_s": wall, "final_approval": 0.85},
+        "versions": versions,
+        "all_versions": [{"thumbs": 32 * i, "diagnostics": rm if i > 1 else {}} for i in range(1, 9)],
+    }
+
+
+def test_signals_are_named_once_each_and_unknown_ones_refused() -> None:
+    assert loop_compare.parse_signals("direct, both") == ["direct", "both"]
+    for bad in ("", "direct,direct", "direct,rm"):
+        with pytest.raises(ValueError, match="--signal takes"):
+            loop_compare.parse_signals(bad)
+
+
+def test_each_signal_runs_on_the_same_options_and_is_compared_with_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = {"direct": result("direct", 768, 1000.0), "both": result("both", 256, 1500.0)}
+    calls = []
+
+    def fake_run(settings: Settings, *, out: Path, signal: str, **options: object) -> dict:
+        calls.append((signal, out, options))
+        return recorded[signal]
+
+    monkeypatch.setattr(loop_compare, "run", fake_run)
+    joint = loop_compare.side_by_side(Settings(), ["direct", "both"], out=tmp_path, rule="concise", seed=3)
+    assert [(s, o) for s, o, _ in calls] == [("direct", tmp_path / "direct"), ("both", tmp_path / "both")]
+    assert all(options == {"rule": "concise", "seed": 3} for _, _, options in calls)
+    assert joint["ratios"] == {
+        "direct": {"ratings_ratio": 1.0, "wall_ratio": 1.0},
+        "both": {"ratings_ratio": 3.0, "wall_ratio": 1.5},  # 768 / 256 ratings, 1500 / 1000 s
+    }
+    assert json.loads((tmp_path / "side-by-side.json").read_text()) == joint
+    assert (tmp_path / "side-by-side.png").stat().st_size > 10_000
+
+
+def test_a_signal_that_never_reaches_the_target_has_no_ratio() -> None:
+    summaries = {"direct": {"thumbs_to_target": None, "loop_wall_s": 100.0}}
+    summaries["both"] = {"thumbs_to_target": 256, "loop_wall_s": 120.0}
+    assert loop_compare.ratios(summaries)["both"] == {"ratings_ratio": None, "wall_ratio": 1.2}
