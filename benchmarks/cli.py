@@ -111,7 +111,7 @@ def bench_loop(
     adapter_store: str = typer.Option(
         None, help="With --url: the store its learner writes (default the setting)."
     ),
-    users: int = typer.Option(8, min=1, help="Concurrent simulated users."),
+    users: int = typer.Option(4, min=1, help="Concurrent simulated users."),
     noise: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability of flipping each rating."),
     choice: bool = typer.Option(
         False, "--choice", help="Users choose between two answers instead of thumbs."
@@ -123,7 +123,7 @@ def bench_loop(
     max_tokens: int = typer.Option(48, min=1, help="max_tokens of users and eval."),
     samples_per_prompt: int = typer.Option(2, min=1, help="Answers sampled per held-out prompt per version."),
     eval_every: int = typer.Option(
-        1, min=1, help="Evaluate every Nth version (always the base and the last)."
+        5, min=1, help="Evaluate every Nth version (always the base and the last)."
     ),
     seed: int = typer.Option(0, help="Seed of the users and the evaluation."),
     signal: str = typer.Option(
