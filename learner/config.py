@@ -143,8 +143,8 @@ class LearnerSettings(PPOConfig, BaseSettings):
     reward_model_l2: float = Field(0.01, ge=0, description="L2 penalty lambda on each head's weights.")
 
     # --- what the policy learns from (learner/rollout.py) -------------------------------------------------
-    # direct: on this 2-core CPU it reached 80% in 512 ratings where 'both' had not in 550 and 'reward_model'
-    # in 320: sampling the learner's own answers costs what a human batch leaves (docs/BENCHMARKS.md, run 9)
+    # direct: on this 2-core CPU it reached 80% in 512 ratings; 'both' was 63% against its 57% at 320 side by
+    # side but behind at 160, at twice its feedback-to-live (docs/BENCHMARKS.md, runs 9-13): no clear winner
     signal: Literal["direct", "reward_model", "both"] = Field(
         "direct",
         description="What PPO trains the policy on: 'direct' = the human-rated answers with their human "
