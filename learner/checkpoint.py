@@ -106,10 +106,7 @@ def load_latest(
             base.model, settings, device, seed=learner_settings.seed, autocast_dtype=precision
         )
         log.info("adapter store %s is empty: training from the empty adapter v0", store)
-        state = LearnerState.create(policy, learner_settings, learner_settings.seed)
-        state.reward_model = new_reward_model(policy, learner_settings)
-        state.prompts = PromptPool(learner_settings.prompt_pool)
-        return policy, state
+        return policy, new_state(policy, learner_settings)
 
     manifest = store.read_manifest(version)
     if manifest.base_fingerprint != base.fingerprint:
@@ -124,9 +121,7 @@ def load_latest(
     directory = store.path(version)
     policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
     # the average (if any) starts from the stored adapter, which is the published w
-    state = LearnerState.create(policy, learner_settings, learner_settings.seed)
-    state.reward_model = new_reward_model(policy, learner_settings)
-    state.prompts = PromptPool(learner_settings.prompt_pool)
+    state = new_state(policy, learner_settings)
     state_file = directory / LEARNER_STATE
     if state_file.is_file():
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -141,6 +136,14 @@ def load_latest(
         )
     log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
     return policy, state
+
+
+def new_state(policy: Policy, learner_settings: LearnerSettings) -> LearnerState:
+    """A fresh `LearnerState` with the configured reward model and prompt pool (a resume loads into it)."""
+    state = LearnerState.create(policy, learner_settings, learner_settings.seed)
+    state.reward_model = new_reward_model(policy, learner_settings)
+    state.prompts = PromptPool(learner_settings.prompt_pool)
+    return state
 
 
 def new_reward_model(policy: Policy, learner_settings: LearnerSettings) -> RewardModel | None:

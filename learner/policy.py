@@ -123,7 +123,11 @@ class Batch:
     behaviour_logprobs: Tensor  # [B, T] log pi_b at the event's logprob temperature, 0 on padding
     temperatures: Tensor  # [B] SamplingParams.logprob_temperature
     event_ids: list[str]  # the sample ids: event ids of human-rated answers
-    centred: Tensor | None = None  # [B] bool, Sample.centred; None: no row is
+    centred: Tensor | None = None  # [B] bool, Sample.centred (None given: no row is)
+
+    def __post_init__(self) -> None:
+        if self.centred is None:
+            self.centred = torch.zeros(len(self.event_ids), dtype=torch.bool)
 
     @classmethod
     def from_events(cls, events: list[FeedbackEvent], pad_id: int) -> Batch:
@@ -156,7 +160,7 @@ class Batch:
             behaviour_logprobs=behaviour,
             temperatures=torch.tensor([e.temperature for e in events]),
             event_ids=[e.sample_id for e in events],
-            centred=torch.tensor([e.centred for e in events]) if any(e.centred for e in events) else None,
+            centred=torch.tensor([e.centred for e in events], dtype=torch.bool),
         )
 
     def __len__(self) -> int:
@@ -176,7 +180,7 @@ class Batch:
             behaviour_logprobs=self.behaviour_logprobs[index, :resp_len],
             temperatures=self.temperatures[index],
             event_ids=[self.event_ids[i] for i in index.tolist()],
-            centred=None if self.centred is None else self.centred[index],
+            centred=self.centred[index],
         )
 
     def to(self, device: torch.device) -> Batch:

@@ -20,6 +20,7 @@ only how an answer compares with the policy's other answers to the same prompt r
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -143,15 +144,4 @@ def rollouts(
 def scored(rollout: list[Sample], rewards: Tensor, samples: int) -> list[Sample]:
     """The rollout with R = `leave_one_out` of ``rewards`` (s per answer, [P * G] in rollout order)."""
     centred = leave_one_out(rewards.reshape(-1, samples)).reshape(-1).tolist()
-    return [
-        Sample(
-            s.sample_id,
-            s.prompt_token_ids,
-            s.response_token_ids,
-            s.behaviour_logprobs,
-            s.temperature,
-            r,
-            True,
-        )
-        for s, r in zip(rollout, centred, strict=True)
-    ]
+    return [replace(s, reward=r, centred=True) for s, r in zip(rollout, centred, strict=True)]

@@ -169,9 +169,6 @@ def normalised_scores(batch: Batch, state: LearnerState, cfg: PPOConfig) -> Tens
     human std they were drowned by the KL penalty, and the policy did not learn); all clipped to
     +-reward_clip."""
     scores = batch.scores.float()
-    if batch.centred is None:
-        state.reward_moments.update(batch.scores)
-        return state.reward_moments.normalize(scores, cfg.reward_clip)
     human = ~batch.centred
     if human.any():
         state.reward_moments.update(batch.scores[human])
@@ -303,7 +300,7 @@ def pretraining_mix_step(policy: Policy, ptx: PretrainingMix, state: LearnerStat
 
 def human_mean(batch: Batch) -> float:
     """The mean reward of the batch's human-rated rows (nan when it has none)."""
-    scores = batch.scores.float() if batch.centred is None else batch.scores.float()[~batch.centred]
+    scores = batch.scores.float()[~batch.centred]
     return scores.mean().item() if len(scores) else math.nan
 
 

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import torch
 
+from learner.config import LearnerSettings
 from learner.policy import Policy
+from learner.trainer import Learner
 from thumbtune.core.base_model import LoadedBase, load_base
 from thumbtune.core.contract import FeedbackEvent, FeedbackKind, Message, SamplingParams
 from thumbtune.core.settings import Settings
+from thumbtune.core.store import LocalAdapterStore
+
+SMALL_BATCHES = {"batch_size": 16, "min_batch": 4, "epochs": 1, "minibatch_size": 8, "max_staleness": 1000}
+"""Learner settings for the tiny model's unit tests: batches of 16, one epoch of two minibatches."""
 
 
 def tiny_base(model_dir: Path, cache_dir: Path, sharpen: float = 1.0) -> LoadedBase:
@@ -125,3 +131,13 @@ def make_events(model_dir: Path, cache_dir: Path, n: int, seed: int) -> list[Fee
 def records_of(events: list[FeedbackEvent]) -> list[tuple[bytes, bytes]]:
     """The (key, value) records the server would publish for these events."""
     return [(e.key(), e.to_bytes()) for e in events]
+
+
+def tiny_learner(model_dir: Path, cache_dir: Path, **overrides: object) -> Learner:
+    """A `Learner` on the tiny base with `SMALL_BATCHES` (``overrides`` win), a store in ``cache_dir``."""
+    return Learner(
+        Settings(model=str(model_dir)),
+        LearnerSettings(**(SMALL_BATCHES | overrides)),
+        base=tiny_base(model_dir, cache_dir),
+        store=LocalAdapterStore(cache_dir / "adapters"),
+    )

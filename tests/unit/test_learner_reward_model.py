@@ -11,16 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from learner.checkpoint import load_latest
-from learner.config import LearnerSettings
 from learner.policy import Batch, Policy, features
-from learner.trainer import Learner
-from tests.support.learner import make_prompts, sample_events, tiny_base
+from tests.support.learner import make_prompts, sample_events, tiny_base, tiny_learner
 from thumbtune.core.contract import REWARD_MODEL_WEIGHTS
 from thumbtune.core.settings import Settings
-from thumbtune.core.store import LocalAdapterStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-SETTINGS = {"batch_size": 16, "min_batch": 4, "epochs": 1, "minibatch_size": 8, "max_staleness": 1000}
 
 
 def rated_events(tiny_model_dir: Path, tmp_path: Path, seed: int) -> list:
@@ -37,19 +33,10 @@ def rated_events(tiny_model_dir: Path, tmp_path: Path, seed: int) -> list:
     )
 
 
-def learner_for(tiny_model_dir: Path, tmp_path: Path, **overrides: object) -> Learner:
-    return Learner(
-        Settings(model=str(tiny_model_dir)),
-        LearnerSettings(**(SETTINGS | overrides)),
-        base=tiny_base(tiny_model_dir, tmp_path),
-        store=LocalAdapterStore(tmp_path / "adapters"),
-    )
-
-
 def test_each_batch_is_scored_then_fitted_and_the_model_is_kept_with_the_version(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    learner = learner_for(tiny_model_dir, tmp_path)
+    learner = tiny_learner(tiny_model_dir, tmp_path)
     first, second = rated_events(tiny_model_dir, tmp_path, 1), rated_events(tiny_model_dir, tmp_path, 2)
     v1 = learner.train(first)
     m1 = learner.store.read_manifest(v1).diagnostics
@@ -73,7 +60,7 @@ def test_each_batch_is_scored_then_fitted_and_the_model_is_kept_with_the_version
 
 
 def test_the_features_are_the_bases_whatever_the_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
-    learner = learner_for(tiny_model_dir, tmp_path)
+    learner = tiny_learner(tiny_model_dir, tmp_path)
     events = rated_events(tiny_model_dir, tmp_path, 3)
     batch = Batch.from_events(events, learner.pad_id)
     before = features(learner.policy, batch)
@@ -84,7 +71,7 @@ def test_the_features_are_the_bases_whatever_the_adapter(tiny_model_dir: Path, t
 
 
 def test_no_reward_model_when_it_has_no_heads(tiny_model_dir: Path, tmp_path: Path) -> None:
-    learner = learner_for(tiny_model_dir, tmp_path, reward_model_heads=0)
+    learner = tiny_learner(tiny_model_dir, tmp_path, reward_model_heads=0)
     version = learner.train(rated_events(tiny_model_dir, tmp_path, 4))
     assert learner.state.reward_model is None
     assert not (learner.store.path(version) / REWARD_MODEL_WEIGHTS).exists()

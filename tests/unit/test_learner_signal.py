@@ -17,13 +17,18 @@ from learner.reward_model import Ensemble
 from learner.rollout import PromptPool, leave_one_out, pessimistic_reward, sample_with_logprobs
 from learner.trainer import Learner
 from learner.update import LearnerState, normalised_scores, ppo_update
-from tests.support.learner import make_event, make_prompts, sample_events, tiny_base
+from tests.support.learner import (
+    SMALL_BATCHES,
+    make_event,
+    make_prompts,
+    sample_events,
+    tiny_base,
+    tiny_learner,
+)
 from thumbtune.core.chat import end_token_ids
 from thumbtune.core.settings import Settings
-from thumbtune.core.store import LocalAdapterStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-SETTINGS = {"batch_size": 16, "min_batch": 4, "epochs": 1, "minibatch_size": 8, "max_staleness": 1000}
 
 
 def test_leave_one_out_subtracts_the_mean_of_the_other_answers_to_the_same_prompt() -> None:
@@ -98,15 +103,6 @@ def test_sampled_log_probs_are_the_policys_at_the_sampling_temperature(
     assert all(1 <= len(r) <= 6 and (len(r) == 6 or r[-1] in eos) for r, _ in answers)
 
 
-def learner_for(tiny_model_dir: Path, tmp_path: Path, **overrides: object) -> Learner:
-    return Learner(
-        Settings(model=str(tiny_model_dir)),
-        LearnerSettings(**(SETTINGS | overrides)),
-        base=tiny_base(tiny_model_dir, tmp_path),
-        store=LocalAdapterStore(tmp_path / "adapters"),
-    )
-
-
 def rated(learner: Learner, seed: int, reward=lambda r: 1.0 if r[0] % 2 else -1.0) -> list:  # noqa: ANN001
     return sample_events(
         learner.policy,
@@ -123,7 +119,7 @@ def rated(learner: Learner, seed: int, reward=lambda r: 1.0 if r[0] % 2 else -1.
 def test_once_the_reward_model_is_trusted_the_policy_trains_on_its_own_scored_answers(
     tiny_model_dir: Path, tmp_path: Path, signal: str
 ) -> None:
-    learner = learner_for(
+    learner = tiny_learner(
         tiny_model_dir,
         tmp_path,
         signal=signal,
@@ -154,7 +150,7 @@ def test_the_learner_falls_back_to_human_ratings_while_the_reward_model_is_poor(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # the parity of the first answer token: no linear head on the base's hidden states predicts it
-    learner = learner_for(tiny_model_dir, tmp_path, signal="reward_model", reward_model_window=16)
+    learner = tiny_learner(tiny_model_dir, tmp_path, signal="reward_model", reward_model_window=16)
     for seed in range(1, 5):
         manifest = learner.store.read_manifest(learner.train(rated(learner, seed)))
         d = manifest.diagnostics
@@ -174,11 +170,11 @@ def test_the_pretraining_mix_pulls_the_policy_toward_its_passages(
     base = tiny_base(tiny_model_dir, tmp_path)
     mix = PretrainingMix(base.tokenizer)
     assert len(mix.passages) == 30 and all(2 <= len(p) <= 96 for p in mix.passages)
-    events = rated(learner_for(tiny_model_dir, tmp_path / "a"), 1)
+    events = rated(tiny_learner(tiny_model_dir, tmp_path / "a"), 1)
     batch = Batch.from_events(events, base.tokenizer.pad_token_id)
 
     def nll_after(ptx_coef: float) -> float:
-        cfg = LearnerSettings(**SETTINGS, ptx_coef=ptx_coef, ptx_batch=4, lr=5e-3)
+        cfg = LearnerSettings(**SMALL_BATCHES, ptx_coef=ptx_coef, ptx_batch=4, lr=5e-3)
         policy = Policy.fresh(base.model, Settings(model=str(tiny_model_dir)), torch.device("cpu"))
         state = LearnerState.create(policy, cfg, seed=0)
         for _ in range(3):
