@@ -123,7 +123,7 @@ def bench_loop(
     max_tokens: int = typer.Option(48, min=1, help="max_tokens of users and eval."),
     samples_per_prompt: int = typer.Option(2, min=1, help="Answers sampled per held-out prompt per version."),
     eval_every: int = typer.Option(
-        5, min=1, help="Evaluate every Nth version (always the base and the last)."
+        5, min=1, help="Evaluate the last version of every Nth human batch (always the base and the last)."
     ),
     seed: int = typer.Option(0, help="Seed of the users and the evaluation."),
     signal: str = typer.Option(
@@ -131,6 +131,15 @@ def bench_loop(
         help="The embedded learner's signal: direct, reward_model or both (default: "
         "THUMBTUNE_LEARNER_SIGNAL's). Several, comma-separated (e.g. direct,both), run one after another on "
         "the same users and seeds into OUT/<signal> and are drawn side by side in OUT/side-by-side.png.",
+    ),
+    think_s: float = typer.Option(
+        0.0, min=0.0, help="Seconds each simulated user waits after a rating (0: as fast as answers come)."
+    ),
+    refine_rounds: int = typer.Option(
+        None,
+        min=0,
+        help="The embedded learner's refine_rounds: own-answer updates between human batches (default: "
+        "THUMBTUNE_LEARNER_REFINE_ROUNDS's).",
     ),
 ) -> None:
     """The whole loop with simulated users: approval, KL, capability per version; results.json + plot."""
@@ -149,6 +158,8 @@ def bench_loop(
         samples_per_prompt=samples_per_prompt,
         eval_every=eval_every,
         seed=seed,
+        think_s=think_s,
+        refine_rounds=refine_rounds,
     )
     try:
         signals = parse_signals(signal) if signal is not None else []

@@ -10,8 +10,11 @@
 4. Writes DIR/results.json, DIR/learning.png and DIR/ratings.jsonl, and prints the summary.
 
 feedback_to_live_s of a version: from the rating, among those it trained on, that the server accepted
-last (so the one that completed its batch) to the first chat request answered by that version (the
-time that request was sent, at most one request gap late: users keep chatting throughout).
+last (so the one that completed its batch) to the first chat request answered by that version or a later
+one (the time that request was sent, at most one request gap late: users keep chatting throughout).
+Versions trained on the learner's own answers alone between human batches (refine_rounds) have the
+ratings of their parent and no feedback_to_live_s; the version evaluated for a number of ratings is the
+last one trained before the next human batch.
 """
 
 from __future__ import annotations
@@ -145,13 +148,15 @@ def version_rows(report: Report, manifests: list[AdapterManifest], started_at: f
         first_answer[r.adapter_version] = min(r.sent_at, first_answer.get(r.adapter_version, r.sent_at))
     served = report.by_version()
     rows, trained = [], set()
-    for m in manifests:
+    for i, m in enumerate(manifests):
         ours = [rating_of_event[e] for e in m.event_ids if e in rating_of_event]
-        if not ours:
+        if not ours and not (rows and m.event_count == 0):
             continue  # a version from before this run (--url against a system with history)
         trained.update(ours)
-        last_rating = max(report.ratings[i].rated_at for i in ours)
-        live_at = first_answer.get(m.version)
+        last_rating = max(report.ratings[i].rated_at for i in ours) if ours else None
+        live_at = min(
+            (first_answer[n.version] for n in manifests[i:] if n.version in first_answer), default=None
+        )
         rows.append(
             {
                 "version": m.version,
@@ -160,13 +165,20 @@ def version_rows(report: Report, manifests: list[AdapterManifest], started_at: f
                 "created_s": round(m.created_at - started_at, 2),
                 "live_s": None if live_at is None else round(live_at - started_at, 2),
                 "wall_s": round((live_at if live_at is not None else m.created_at) - started_at, 2),
-                "feedback_to_live_s": None if live_at is None else round(live_at - last_rating, 2),
+                "feedback_to_live_s": (
+                    None if live_at is None or last_rating is None else round(live_at - last_rating, 2)
+                ),
                 "served_ratings": served.get(m.version, {}).get("ratings", 0),
                 "served_approval": served.get(m.version, {}).get("approval"),
                 "diagnostics": m.diagnostics,
             }
         )
     return rows
+
+
+def batch_ends(rows: list[dict]) -> list[dict]:
+    """Per human batch, its last version: the one live when the next batch's ratings came in."""
+    return [r for i, r in enumerate(rows) if i == len(rows) - 1 or rows[i + 1]["thumbs"] != r["thumbs"]]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -220,12 +232,23 @@ def run(
     eval_every: int = 5,
     seed: int = 0,
     signal: str | None = None,
+    think_s: float = 0.0,
+    refine_rounds: int | None = None,
 ) -> dict:
-    """One run; ``signal`` sets the embedded learner's THUMBTUNE_LEARNER_SIGNAL (None: the environment's)."""
+    """One run; ``signal`` and ``refine_rounds`` set the embedded learner's THUMBTUNE_LEARNER_SIGNAL and
+    _REFINE_ROUNDS (None: the environment's)."""
     judge = load_rule(rule)
-    learner_env = {} if signal is None else {"THUMBTUNE_LEARNER_SIGNAL": signal}
-    if signal is not None and url is not None:
-        raise ValueError("--signal sets the embedded learner's; with --url, set it on the learner you run")
+    overrides = {
+        name: value
+        for name, value in (("signal", signal), ("refine_rounds", refine_rounds))
+        if value is not None
+    }
+    learner_env = {f"THUMBTUNE_LEARNER_{name.upper()}": str(value) for name, value in overrides.items()}
+    if overrides and url is not None:
+        raise ValueError(
+            "--signal and --refine-rounds set the embedded learner's; with --url, set them on the "
+            "learner you run"
+        )
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after an hour of simulated users
         raise ValueError("bench loop draws learning.png with matplotlib: .venv/bin/pip install -e '.[bench]'")
     out.mkdir(parents=True, exist_ok=True)
@@ -240,9 +263,10 @@ def run(
         "max_tokens": max_tokens,
         "samples_per_prompt": samples_per_prompt,
         "model": settings.model,
-        "learner": LearnerSettings(**({"signal": signal} if signal else {})).model_dump(mode="json"),
+        "learner": LearnerSettings(**overrides).model_dump(mode="json"),
         "url": url or "embedded",
         "eval_every": eval_every,
+        "think_s": think_s,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
     }
@@ -259,6 +283,7 @@ def run(
         max_tokens=max_tokens,
         prompts=train,
         seed=seed,
+        think_s=think_s,
         on_rating=progress_printer(50),
     )
     if url is None:
@@ -289,7 +314,8 @@ def run(
 
     model = None
     evaluated = []
-    chosen = [r for i, r in enumerate(rows, 1) if i % eval_every == 0 or i == len(rows)]
+    ends = batch_ends(rows)
+    chosen = [r for i, r in enumerate(ends, 1) if i % eval_every == 0 or i == len(ends)]
     for row in [{"version": start_version, "thumbs": 0, "wall_s": 0.0, "feedback_to_live_s": None}, *chosen]:
         version = row["version"]
         t0 = time.perf_counter()
@@ -355,6 +381,7 @@ def run(
         "reward_model_share_median": _median_of(rows, "signal.reward_model_share"),
         "feedback_to_live_s_max": max(to_live) if to_live else None,
         "versions": len(rows),
+        "refine_versions": sum(1 for r in rows if r["events"] == 0),
         "versions_seen_live": len(to_live),
         "loop_wall_s": round(report.finished_at - report.started_at, 1),
         "request_errors": dict(report.errors),

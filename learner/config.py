@@ -180,6 +180,13 @@ class LearnerSettings(PPOConfig, BaseSettings):
     rollout_samples: int = Field(
         4, ge=2, description="Answers the learner samples per prompt (their mean is each one's baseline)."
     )
+    refine_rounds: int = Field(
+        0,
+        ge=0,
+        description="After each update on a human batch, up to this many updates on the learner's own "
+        "answers alone (signal reward_model or both, once the reward model is trusted) while no full batch "
+        "of ratings is waiting: the policy keeps improving between human batches. 0 = none.",
+    )
     rollout_max_tokens: int = Field(48, ge=1, description="Longest answer the learner samples, in tokens.")
     rollout_temperature: float = Field(1.0, gt=0, description="Temperature the learner samples at.")
     ptx_text: Path | None = Field(

@@ -2,7 +2,9 @@
 
 Batching: every record is admitted or skipped one at a time (`Learner.admit`); an update runs as soon
 as batch_size events are buffered, or once the oldest buffered event has waited max_wait_s and at least
-min_batch are buffered.
+min_batch are buffered. After each such update, up to refine_rounds updates on the learner's own answers
+(`Learner.refine`) run while no batch is due: not a full batch buffered and waiting on the partitions,
+no partial batch past max_wait_s. Human ratings always go first; a round never trains on an event.
 
 Exactly once, across crashes. The manifest of the newest version in the adapter store is the source of
 truth for where consumption stands: its ``offsets`` ('topic:partition' -> next offset) are cumulative and
@@ -14,11 +16,8 @@ earliest). The order after an update is: version durable (atomic rename) -> anno
 crash anywhere re-reads from the newest manifest: events before it are never trained again, events
 after it are never lost. A version that was saved but not announced is announced on the next start
 (`learner.announce.announce_latest_if_missing`); event ids a producer sent twice are dropped against
-every manifest's ``event_ids`` (`Learner.admit`).
-
-Test hook: ``THUMBTUNE_LEARNER_TEST_PAUSE_AT=after_save`` (or ``after_announce``) makes the process log
-``test hook: paused at <point>`` once, the first time it reaches that point, and wait there until it is
-killed: the crash test uses it to kill the learner deterministically between save and commit.
+every manifest's ``event_ids`` (`Learner.admit`). The crash test stops it between save and commit with
+the test hook ``THUMBTUNE_LEARNER_TEST_PAUSE_AT`` (`KafkaLearner._pause_for_test`).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from kafka.structs import OffsetAndMetadata
 from learner import metrics
 from learner.announce import Announcer, announce_latest_if_missing, announcement_for
 from learner.config import LearnerSettings
+from learner.events import staleness
 from learner.progress import Progress
 from learner.trainer import Learner
 from thumbtune.core.contract import FEEDBACK_TOPIC, LEARNER_GROUP, FeedbackEvent
@@ -101,6 +101,8 @@ class KafkaLearner:
         """First offset read from partitions the manifest does not name: where a rewind goes back to."""
         self.pending: list[FeedbackEvent] = []
         self.pending_since: float | None = None
+        self.refine_left = 0
+        """Own-answer rounds still allowed before the next human batch (refine_rounds after each)."""
         self.versions: list[str] = []
         self.consumed = 0
         self.lag: int | None = None
@@ -180,6 +182,8 @@ class KafkaLearner:
                 if self._due():
                     self._cut(ls.min_batch)
                 self._observe()
+                if self.refine_left > 0 and not self.stopping and not self._batch_waiting():
+                    self._refine()
         except StopRequested as stop:
             log.info("%s during an update: abandoned it; its events are trained after the restart", stop)
         finally:
@@ -216,6 +220,16 @@ class KafkaLearner:
             self.pending_since is not None
             and len(self.pending) >= ls.min_batch
             and time.monotonic() - self.pending_since >= ls.max_wait_s
+        )
+
+    def _batch_waiting(self) -> bool:
+        """Human ratings go first: a batch is due, a full one is buffered and waiting on the partitions (by
+        the lag), or one more version would make a buffered rating stale."""
+        ls = self.learner_settings
+        return (
+            self._due()
+            or len(self.pending) + (self.lag or 0) >= ls.batch_size
+            or any(staleness(e, self.learner.version) >= ls.max_staleness for e in self.pending)
         )
 
     def _consume(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
@@ -259,18 +273,38 @@ class KafkaLearner:
         events, self.pending, self.pending_since = self.pending, [], None
         offsets = dict(self.positions)  # covers exactly the records consumed into this batch
         started = time.monotonic()
-        self._in_update = True
-        try:
-            version = self.learner.train(events, offsets)
-        finally:
-            self._in_update = False
+        version = self._updating(lambda: self.learner.train(events, offsets))
         self._drops.sync(self.learner.skips.total)
         if version is None:
             return  # nothing fresh: no version; these offsets ride along with the next one
         self.durable = offsets
+        self.refine_left = self.learner_settings.refine_rounds
+        self._publish(version, len(events), started, offsets)
+
+    def _refine(self) -> None:
+        """One update on the learner's own answers; its version covers the newest version's offsets."""
+        self.refine_left -= 1
+        offsets = dict(self.durable)
+        started = time.monotonic()
+        version = self._updating(lambda: self.learner.refine(offsets))
+        if version is None:
+            self.refine_left = 0  # the reward model is not trusted (or no prompts yet): wait for humans
+            return
+        self._publish(version, 0, started, offsets)
+
+    def _updating(self, update: Callable[[], str | None]) -> str | None:
+        """Run an update; a stop request meanwhile abandons it (`request_stop` raises inside it)."""
+        self._in_update = True
+        try:
+            return update()
+        finally:
+            self._in_update = False
+
+    def _publish(self, version: str, events: int, started: float, offsets: dict[str, int]) -> None:
+        """Record, announce, then commit a version just written."""
         self.versions.append(version)
         diagnostics = self.learner.store.read_manifest(version).diagnostics
-        metrics.record_update(version, len(events), time.monotonic() - started, diagnostics)
+        metrics.record_update(version, events, time.monotonic() - started, diagnostics)
         self.progress.trained(version, diagnostics)
         self._pause_for_test("after_save")
         announcement = announcement_for(self.learner.store, version)
@@ -322,15 +356,12 @@ class KafkaLearner:
             metrics.CONSUMER_LAG.set(lag)
         metrics.BUFFERED.set(len(self.pending))
         self._drops.sync(self.learner.skips.total)
-        self.progress.show(
-            self.learner.version,
-            len(self.pending),
-            self.consumed,
-            lag,
-            sum(self.learner.skips.total.values()),
-        )
+        skipped = sum(self.learner.skips.total.values())
+        self.progress.show(self.learner.version, len(self.pending), self.consumed, lag, skipped)
 
     def _pause_for_test(self, point: str) -> None:
+        """TEST_PAUSE_ENV=after_save (or after_announce): the first time the process reaches that point it
+        logs ``test hook: paused at <point>`` and waits there until it is killed."""
         if os.environ.get(TEST_PAUSE_ENV) != point or point in self._paused:
             return
         self._paused.add(point)
@@ -359,9 +390,6 @@ def run_learner(settings: Settings, learner_settings: LearnerSettings) -> int:
             signal.signal(sig, handler)
         if server is not None:
             server.shutdown()
-    log.info(
-        "learner stopped at %s; versions written this run: %s",
-        loop.learner.version,
-        " ".join(versions) or "none",
-    )
+    written = " ".join(versions) or "none"
+    log.info("learner stopped at %s; versions written this run: %s", loop.learner.version, written)
     return 0

@@ -95,6 +95,11 @@ UPDATE_DURATION = Histogram(
 VERSIONS = Counter(
     "thumbtune_learner_versions_total", "Adapter versions written by this process.", registry=REGISTRY
 )
+REFINE_VERSIONS = Counter(
+    "thumbtune_learner_refine_versions_total",
+    "Versions trained on the learner's own answers alone between human batches (refine_rounds).",
+    registry=REGISTRY,
+)
 ANNOUNCEMENTS = Counter(
     "thumbtune_learner_announcements_total",
     "Versions announced on thumbtune.adapters (re-announcements too).",
@@ -224,7 +229,10 @@ def record_update(version: str, batch_size: int, seconds: float, diagnostics: Ma
     """Everything one finished update changes."""
     VERSIONS.inc()
     EVENTS_TRAINED.inc(batch_size)
-    BATCH_SIZE.observe(batch_size)
+    if batch_size:
+        BATCH_SIZE.observe(batch_size)
+    else:
+        REFINE_VERSIONS.inc()
     UPDATE_DURATION.observe(seconds)
     set_version(version)
     for name, gauge in _DIAGNOSTIC_GAUGES.items():

@@ -17,6 +17,11 @@ What the PPO update trains on is the ``signal`` setting (`Learner.signal`):
 and 'reward_model' or 'both' fall back to 'direct' while the reward model's prequential accuracy over
 its newest ``reward_model_window`` outcomes is below ``reward_model_min_accuracy``: a learnt reward is
 only optimised while it keeps predicting ratings it has not seen.
+
+Between human batches the input loop may call `Learner.refine` (the ``refine_rounds`` setting): one more
+update on the learner's own answers alone, scored by the trusted reward model, written as a version that
+trains on no event and covers the same offsets as its parent. Iterated online RLHF (Bai et al. 2022):
+the policy keeps improving while the humans are away, within the same KL leash.
 """
 
 from __future__ import annotations
@@ -131,9 +136,32 @@ class Learner:
         signal = self.signal()
         human = [Sample.of(e) for e in events] if signal in ("direct", "both") else []
         own, figures = self._rollouts() if signal in ("reward_model", "both") else ([], {})
+        return self._update(human, own, events, offsets, reward_model | figures)
+
+    def refine(self, offsets: dict[str, int] | None = None) -> str | None:
+        """One update on the learner's own answers alone, scored by the reward model, between human batches;
+        None (nothing written) unless the signal is 'reward_model' or 'both' and the reward model is trusted.
+
+        The version trains on no event; ``offsets`` are the parent's (the input loop's last durable ones),
+        so exactly-once accounting is unchanged.
+        """
+        if self.signal() == "direct" or not self.state.prompts:
+            return None
+        own, figures = self._rollouts()
+        return self._update([], own, [], offsets, figures | {"signal.refine": 1.0})
+
+    def _update(
+        self,
+        human: list[Sample],
+        own: list[Sample],
+        events: list[FeedbackEvent],
+        offsets: dict[str, int] | None,
+        figures: dict[str, float],
+    ) -> str:
+        """PPO on ``human + own`` and the new version (trained on ``events``) in the store."""
         batch = Batch.from_samples(human + own, self.pad_id)
         diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings, self.ptx)
-        diagnostics |= reward_model | figures
+        diagnostics |= figures
         diagnostics |= {
             "signal.human_answers": float(len(human)),
             "signal.own_answers": float(len(own)),
@@ -153,10 +181,11 @@ class Learner:
             diagnostics=diagnostics,
         )
         log.info(
-            "trained %s from %s on %d events: %s",
+            "trained %s from %s on %d events and %d own answers: %s",
             version,
             parent,
             len(events),
+            len(own),
             " ".join(f"{k}={diagnostics[k]:.4g}" for k in LOGGED if k in diagnostics),
         )
         return version

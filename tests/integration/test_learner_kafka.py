@@ -193,3 +193,45 @@ def test_a_stop_during_an_update_abandons_it_and_commits_nothing(
         assert admin.list_group_offsets(LEARNER_GROUP)[LEARNER_GROUP] == {}
     finally:
         admin.close()
+
+
+def test_between_human_batches_the_learner_refines_on_its_own_answers_and_accounts_for_every_rating(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """refine_rounds = 2: after each human batch, once the reward model is trusted, two versions trained
+    on the learner's own answers alone; they cover their parent's offsets, so a restart loses nothing."""
+    events = make_events(tiny_model_dir, tmp_path, 32, seed=3)
+    ls = learner_settings(
+        signal="reward_model",
+        reward_model_window=8,
+        reward_model_min_accuracy=0.0,  # any accuracy will do: this test is about what runs when
+        rollout_prompts=2,
+        rollout_samples=2,
+        rollout_max_tokens=5,
+        refine_rounds=2,
+    )
+    bootstrap = settings.kafka_bootstrap_servers
+    produce(bootstrap, records_of(events[:16]))
+    loop = KafkaLearner(settings, ls)
+    # v1 (the reward model not yet trusted: no rounds after it), v2 (trusted), then two rounds
+    loop.run(stop_when=until(lambda: len(loop.versions) >= 4))
+    produce(bootstrap, records_of(events[16:24]))
+    loop = KafkaLearner(settings, ls)  # a restart from a refined version's manifest
+    loop.run(stop_when=until(lambda: len(loop.versions) >= 3))
+    produce(bootstrap, records_of(events[24:]))
+    loop = KafkaLearner(settings, ls)
+    loop.run(stop_when=until(lambda: len(loop.versions) >= 2))
+
+    store = LocalAdapterStore(settings.adapter_store_path)
+    manifests = [store.read_manifest(v) for v in store.versions()]
+    assert [m.event_count for m in manifests] == [8, 8, 0, 0, 8, 0, 0, 8, 0]
+    assert [m.diagnostics.get("signal.refine", 0) for m in manifests] == [0, 0, 1, 1, 0, 1, 1, 0, 1]
+    for parent, m in itertools.pairwise(manifests):
+        assert m.parent == parent.version
+        if m.event_count == 0:  # a round: own answers alone, the parent's offsets
+            assert m.offsets == parent.offsets and m.diagnostics["signal.human_answers"] == 0
+            assert m.diagnostics["signal.own_answers"] == 4
+    trained = [i for m in manifests for i in m.event_ids]
+    assert sorted(trained) == sorted(e.event_id for e in events)  # every rating, exactly once
+    announced = read_topic(bootstrap, ADAPTERS_TOPIC, expected=len(manifests))
+    assert [AdapterAnnouncement.from_bytes(r.value).version for r in announced] == store.versions()

@@ -309,3 +309,13 @@ def test_simulated_users_rank_all_answers_best_first_by_the_rules_score(live_ser
         assert scores == sorted(scores, reverse=True)  # best first: ties may come in any order
     with pytest.raises(ValueError, match="rank is K = 2 to 4"):
         Simulator(server.url, rule, rank=5)
+
+
+def test_a_simulated_user_thinks_between_a_rating_and_the_next_question(live_server_factory) -> None:  # noqa: ANN001
+    server = live_server_factory()
+    rule = load_rule("concise")
+    report = Simulator(server.url, rule, users=1, thumbs=3, max_tokens=4, think_s=0.5).run()
+    gaps = [b.sent_at - a.rated_at for a, b in zip(report.ratings, report.ratings[1:], strict=False)]
+    assert len(gaps) == 2 and min(gaps) >= 0.5, gaps
+    with pytest.raises(ValueError, match="think_s is a wait"):
+        Simulator(server.url, rule, think_s=-1)

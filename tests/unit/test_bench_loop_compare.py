@@ -60,3 +60,49 @@ def test_a_signal_that_never_reaches_the_target_has_no_ratio() -> None:
     summaries = {"direct": {"thumbs_to_target": None, "loop_wall_s": 100.0}}
     summaries["both"] = {"thumbs_to_target": 256, "loop_wall_s": 120.0}
     assert loop_compare.ratios(summaries)["both"] == {"ratings_ratio": None, "wall_ratio": 1.2}
+
+
+def test_refined_versions_carry_their_parents_ratings_and_each_batch_is_judged_by_its_last_version() -> None:
+    from benchmarks.loop import batch_ends, version_rows
+    from thumbtune.cli.simulate import Rating, Report
+    from thumbtune.core.contract import AdapterManifest
+
+    def rating(at: float, served_by: str, event: str) -> Rating:
+        return Rating(at, at + 1, served_by, "p", ["a"], [True], {}, False, [event], [1])
+
+    report = Report()
+    report.started_at = 100.0
+    # e1, e2 rated on v0; v1 trains on them, v2 and v3 refine it; e3 is answered by v3 (v1 and v2 never
+    # served), v4 trains on it
+    report.ratings = [rating(101, "v0", "e1"), rating(102, "v0", "e2"), rating(120, "v3", "e3")]
+
+    def manifest(version: str, events: list[str]) -> AdapterManifest:
+        n = int(version[1:])
+        return AdapterManifest(
+            version=version,
+            parent=f"v{n - 1}",
+            base_model="m",
+            base_fingerprint="f",
+            created_at=100.0 + 5 * n,
+            event_count=len(events),
+            event_ids=events,
+        )
+
+    old = manifest("v0", [])  # from before the run: no events of ours, no rating since
+    manifests = [
+        old,
+        manifest("v1", ["e1", "e2"]),
+        manifest("v2", []),
+        manifest("v3", []),
+        manifest("v4", ["e3"]),
+    ]
+    rows = version_rows(report, manifests, report.started_at)
+    assert [(r["version"], r["thumbs"], r["events"]) for r in rows] == [
+        ("v1", 2, 2),
+        ("v2", 2, 0),
+        ("v3", 2, 0),
+        ("v4", 3, 1),
+    ]
+    # v1's ratings went live with v3, the first version after it that answered: 120 - 103 s
+    assert [r["feedback_to_live_s"] for r in rows] == [17.0, None, None, None]
+    assert [r["version"] for r in batch_ends(rows)] == ["v3", "v4"]

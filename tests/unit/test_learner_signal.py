@@ -146,6 +146,34 @@ def test_once_the_reward_model_is_trusted_the_policy_trains_on_its_own_scored_an
     assert len(learner.state.prompts) == 8  # the distinct prompts of both batches
 
 
+def test_refine_trains_on_own_answers_alone_and_only_with_a_trusted_reward_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = dict(reward_model_window=16, rollout_prompts=2, rollout_samples=2, rollout_max_tokens=6)
+    direct = tiny_learner(tiny_model_dir, tmp_path / "direct", signal="direct", **settings)
+    direct.train(rated(direct, 1))
+    assert direct.refine({"t:0": 16}) is None and direct.version == "v1"  # direct never refines
+
+    learner = tiny_learner(
+        tiny_model_dir, tmp_path / "rm", signal="reward_model", reward_model_min_accuracy=0.0, **settings
+    )
+    assert learner.refine() is None and learner.version == "v0"  # no reward model outcomes, no prompts
+    learner.train(rated(learner, 1), {"t:0": 16})
+    assert learner.refine() is None  # the first batch trains the reward model, nothing scored it yet
+    learner.train(rated(learner, 2), {"t:0": 32})
+    assert learner.state.reward_model.trusted(0.0)
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    m = learner.store.read_manifest(learner.refine({"t:0": 32}))
+    assert m.version == "v3" and m.parent == "v2" and learner.version == "v3"
+    # no human rating in it: exactly-once accounting is the parent's, offsets unchanged
+    assert m.event_ids == [] and m.event_count == 0 and m.offsets == {"t:0": 32}
+    d = m.diagnostics
+    assert d["signal.refine"] == 1 and d["signal.human_answers"] == 0 and d["signal.own_answers"] == 4
+    assert d["signal.reward_model_share"] == 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, learner.policy.parameters(), strict=True))
+    assert learner.store.versions() == ["v1", "v2", "v3"]
+
+
 def test_the_learner_falls_back_to_human_ratings_while_the_reward_model_is_poor(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -135,6 +135,9 @@ def simulate(
         None, envvar="THUMBTUNE_API_KEY", help="Bearer key when the server has keys."
     ),
     seed: int = typer.Option(0, help="Seed of the prompt choice and the noise."),
+    think_s: float = typer.Option(
+        0.0, min=0.0, help="Seconds each user waits after a rating before the next question."
+    ),
     log: Path = typer.Option(None, help="Write every rating as JSON lines here."),
 ) -> None:
     """Simulated users: chat with a running server and rate every answer by a rule."""
@@ -158,6 +161,7 @@ def simulate(
         prompts=prompt_set,
         api_key=api_key,
         seed=seed,
+        think_s=think_s,
         on_rating=progress_printer(),
     )
     try:

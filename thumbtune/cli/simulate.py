@@ -119,12 +119,15 @@ class Simulator:
         model: str = "thumbtune",
         seed: int = 0,
         timeout_s: float = 300.0,
+        think_s: float = 0.0,
         on_rating: Callable[[Rating, Report], None] | None = None,
     ) -> None:
         if users < 1 or thumbs < 1:
             raise ValueError("users and thumbs must be at least 1")
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"noise is a probability in [0, 1], got {noise}")
+        if think_s < 0:
+            raise ValueError(f"think_s is a wait in seconds, at least 0; got {think_s}")
         if rank is not None and (choice or not 2 <= rank <= 4):
             raise ValueError(f"rank is K = 2 to 4 answers to order, without choice; got {rank}")
         self.url = url.rstrip("/")
@@ -135,6 +138,8 @@ class Simulator:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.rng = random.Random(seed)
         self.timeout_s = timeout_s
+        self.think_s = think_s
+        """Seconds each user waits after a rating before asking again (0: as fast as the server answers)."""
         self.on_rating = on_rating
         self.report = Report()
         self._reserved = 0
@@ -173,6 +178,8 @@ class Simulator:
             self.report.ratings.append(rating)
             if self.on_rating is not None:
                 self.on_rating(rating, self.report)
+            if self.think_s and self._reserved < self.thumbs:
+                await asyncio.sleep(self.think_s)
 
     async def _one(self, client: httpx.AsyncClient, rng: random.Random) -> Rating:
         prompt = rng.choice(self.prompts)
