@@ -356,7 +356,7 @@ def run(
     reached = [r for r in evaluated if r["approval"] >= TARGET_APPROVAL]
     after = evaluated[evaluated.index(reached[0]) :] if reached else []
     to_live = [r["feedback_to_live_s"] for r in rows if r["feedback_to_live_s"] is not None]
-    last = rows[-1]["diagnostics"] if rows else {}
+    last = next((r["diagnostics"] for r in reversed(rows) if r["events"]), {})  # a refined one fits no model
     summary = {
         "baseline_approval": evaluated[0]["approval"],
         "final_approval": evaluated[-1]["approval"],
