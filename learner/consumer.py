@@ -4,7 +4,8 @@ Batching: every record is admitted or skipped one at a time (`Learner.admit`); a
 as batch_size events are buffered, or once the oldest buffered event has waited max_wait_s and at least
 min_batch are buffered. After each such update, up to refine_rounds updates on the learner's own answers
 (`Learner.refine`) run while no batch is due: not a full batch buffered and waiting on the partitions,
-no partial batch past max_wait_s. Human ratings always go first; a round never trains on an event.
+no partial batch past max_wait_s, no buffered rating that one more version would make stale. Human
+ratings always go first; a round never trains on an event.
 
 Exactly once, across crashes. The manifest of the newest version in the adapter store is the source of
 truth for where consumption stands: its ``offsets`` ('topic:partition' -> next offset) are cumulative and
