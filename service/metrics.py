@@ -82,13 +82,26 @@ ADAPTER_SWAP_LATENCY = Histogram(
 ADAPTER_SWAPS = Counter(
     "thumbtune_adapter_swaps_total", "Changes of the live adapter version, by what caused them.", ["trigger"]
 )
-"""trigger: announcement, catchup (found in the store after a group join), startup, pin, unpin, rollback."""
+"""trigger: announcement, catchup (found in the store after a group join), startup, pin, unpin, rollback,
+refuse (stepped down from a refused version), reconcile (the control log disagreed with what was live)."""
 ADAPTER_REFUSED = Counter(
     "thumbtune_adapter_refused_total",
-    "Adapter versions refused before going live, by the check that failed.",
+    "Adapter versions refused, by the check that failed (operator: refused through /admin/adapters/refuse).",
     ["reason"],
 )
-"""reason: sha256, fingerprint, shape, nonfinite, kl_live, kl_base, load_error."""
+"""reason: sha256, fingerprint, shape, nonfinite, kl_live, kl_base, load_error, operator."""
+CONTROL_DECISIONS = Counter(
+    "thumbtune_control_decisions_total",
+    "Decisions of thumbtune.control this replica applied, by action, who took them and the outcome.",
+    ["action", "actor", "outcome"],
+)
+"""action: pin, unpin, rollback, refuse; actor: admin, checks; outcome: applied, failed (the error is in the
+replica's log and in its receipt on thumbtune.control)."""
+CONTROL_CONNECTED = Gauge(
+    "thumbtune_control_connected",
+    "1 while this replica follows thumbtune.control, 0 while it cannot (absent on a replica of its own).",
+    ["replica"],
+)
 ADAPTER_PROBE_KL = Gauge(
     "thumbtune_adapter_probe_kl",
     "KL of the last checked version on the probe prompts (nats per token).",

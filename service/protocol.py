@@ -279,6 +279,36 @@ class FollowerView(BaseModel):
     last_error: str | None
 
 
+class ControlView(BaseModel):
+    """The replica's view of thumbtune.control, the cluster's decisions."""
+
+    replica: str = Field(description="This replica's name on the log (THUMBTUNE_REPLICA_ID).")
+    connected: bool = Field(description="Following the log now; admin actions answer 503 while not.")
+    position: int = Field(description="Records of the log read (decisions and receipts).")
+    applied: int = Field(description="Decisions this replica applied since it started (replayed ones not).")
+    replicas: list[str] = Field(description="The other replicas that joined and have not left.")
+    last_error: str | None
+
+
+class DecisionView(BaseModel):
+    """What became of an admin action: the decision on thumbtune.control and who has applied it."""
+
+    record_id: str
+    action: str
+    version: str | None = Field(description="The version acted on (rollback: the one rolled back to).")
+    previous: str | None = Field(description="What was live on the replica that took the call.")
+    replica: str = Field(description="The replica that took the call; it has applied the decision.")
+    live: str = Field(description="What that replica serves now.")
+    confirmed: dict[str, str] = Field(
+        description="Other replicas that applied it within THUMBTUNE_CONTROL_CONFIRM_S -> what they serve."
+    )
+    failed: dict[str, str] = Field(description="Other replicas that could not apply it -> why.")
+    unconfirmed: list[str] = Field(
+        description="Other replicas known to be up that did not answer in time (they apply it when they read "
+        "it; a replica that crashed stays here until it is back)."
+    )
+
+
 class AdaptersView(BaseModel):
     """GET /admin/adapters, and the answer of every POST under it."""
 
@@ -292,6 +322,19 @@ class AdaptersView(BaseModel):
     base_model: str
     base_fingerprint: str
     follower: FollowerView | None
+    control: ControlView | None = Field(
+        default=None,
+        description="thumbtune.control; None on a replica of its own (THUMBTUNE_ADAPTER_FOLLOW off).",
+    )
+    decision: DecisionView | None = Field(
+        default=None, description="In the answer of a POST: what it decided."
+    )
+
+
+class RefuseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=2, max_length=32, description="An adapter version, e.g. 'v7'.")
+    reason: str = Field(min_length=1, max_length=2000, description="Why; shown with the refusal everywhere.")
 
 
 class PinRequest(BaseModel):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from service.adapters.control import ControlPlane
 from service.adapters.follower import AdapterFollower
 from service.adapters.manager import AdapterManager
 from service.engine.engine import Engine
@@ -23,6 +24,10 @@ from thumbtune.core.base_model import load_base
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+REPLAY_TIMEOUT_S = 10.0
+"""How long start-up waits to read thumbtune.control before it serves what the store has (the control
+plane's thread reads it later and reconciles)."""
 
 
 @dataclass
@@ -39,10 +44,13 @@ class Runtime:
     max_context: int
     adapter_manager: AdapterManager | None = None
     follower: AdapterFollower | None = None
+    control: ControlPlane | None = None
 
     def close(self) -> None:
         if self.follower is not None:
             self.follower.stop()
+        if self.control is not None:
+            self.control.stop()
         self.engine.stop()
         self.publisher.close()
         self.store.close()
@@ -65,6 +73,9 @@ def build_runtime(settings: Settings) -> Runtime:
     engine.start()
     publisher.start()
     manager = AdapterManager(settings, engine, adapters, base)
+    control = ControlPlane(settings, manager) if settings.adapter_follow else None
+    if control is not None:
+        control.replay(timeout=REPLAY_TIMEOUT_S)  # pinned and refused versions before anything loads
     try:
         manager.start_up()
     except Exception:
@@ -72,6 +83,8 @@ def build_runtime(settings: Settings) -> Runtime:
     follower = AdapterFollower(settings, manager) if settings.adapter_follow else None
     if follower is not None:
         follower.start()
+    if control is not None:
+        control.start()
     log.info(
         "serving %s (fingerprint %s) with adapter %s, context %d",
         base.model_id,
@@ -92,4 +105,5 @@ def build_runtime(settings: Settings) -> Runtime:
         max_context,
         manager,
         follower,
+        control,
     )

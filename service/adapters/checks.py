@@ -30,7 +30,8 @@ from thumbtune.core.contract import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterAnno
 from thumbtune.core.divergence import exact_kl
 from thumbtune.core.store import AdapterStore
 
-REASONS = ("sha256", "fingerprint", "shape", "nonfinite", "kl_live", "kl_base", "load_error")
+REASONS = ("sha256", "fingerprint", "shape", "nonfinite", "kl_live", "kl_base", "load_error", "operator")
+"""Why a version was refused: the check it failed, or ``operator`` (POST /admin/adapters/refuse)."""
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

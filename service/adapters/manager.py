@@ -1,23 +1,25 @@
 """Which adapter version is live, and why: checks, swaps, pins, rollbacks, refusals.
 
 One `AdapterManager` per server. Everything that changes the live version goes through it, one
-change at a time (a lock): the follower's announcements, start-up, and the admin routes.
+change at a time (a lock): the follower's announcements, start-up, the control plane's decisions
+(service/adapters/control.py) and, without a control plane, the admin routes.
 
-Going live (`_try`):
-  1. `check_files` in the calling thread (fingerprint, sha256, shapes, finite; CPU only),
-  2. one ``engine.call``: insert the LoRA modules and weights, staged (not servable yet),
-  3. the KL probe: one ``engine.call`` per (probe prompt, adapter), so decode steps go on in between;
-     the live version's and the base's log-probs are cached, so usually only the new rows run,
-  4. publish (``thumbtune@vN`` resolves) and flip the live pointer. Sequences bind to a version at
-     admission and keep it; the old version is unloaded by the engine once nothing uses it.
-A version that fails is refused for good (reason, message, metric, log) and serving stays on the
-live one; only "not in the store yet" is retried when the version is offered again.
+Going live (`_try`): `Admission.admit` (files, load, KL probe; service/adapters/admission.py), then
+flip the live pointer. Sequences bind to a version at admission and keep it; the old version is
+unloaded by the engine once nothing uses it. A version that fails is refused for good (reason,
+message, metric, log, and `on_refused` tells the cluster) and serving stays on the live one; only
+"not in the store yet" is retried when the version is offered again.
 
 Which checks apply: automatic steps (announcements, catch-up) enforce both KL bounds; operator
 actions (pin, unpin, rollback) and start-up enforce KL(new || base) only, because moving away
 from the live version is their point (at start-up the live version is v0, i.e. the base).
 Rollback goes to the newest version below the live one that passes its checks (v0 at the
-bottom) and pins it; unpin follows the newest version above the live one that passes.
+bottom) and pins it; unpin follows the newest version above the live one that passes. Refuse
+takes a version out of service for good, stepping down to the newest good version below it.
+
+The cluster's state (what is pinned, what is refused) is the control log's: `restore` folds a past
+decision in without loading anything, `reconcile` then makes what is live agree with it, and
+`apply` carries out a new decision; `plan` validates one before it goes on the log.
 """
 
 from __future__ import annotations
@@ -26,26 +28,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Literal, TypeVar
-
-import torch
+from dataclasses import dataclass
+from typing import Literal
 
 from service import metrics
-from service.adapters.checks import (
-    REASONS,
-    Refused,
-    build_probes,
-    check_files,
-    mean_kl,
-    module_shapes,
-    probe_logprobs,
-)
+from service.adapters.admission import Admission
+from service.adapters.checks import REASONS, Refused
 from service.engine.engine import Engine
-from service.engine.registry import BASE, AdapterRegistry, UnknownAdapter
-from service.protocol import AdaptersView, AdapterVersionView, FollowerView, KLBounds, Refusal
+from service.engine.registry import AdapterRegistry
 from thumbtune.core.base_model import LoadedBase
-from thumbtune.core.contract import BASE_VERSION, AdapterAnnouncement, version_number
+from thumbtune.core.contract import (
+    BASE_VERSION,
+    AdapterAnnouncement,
+    ControlAction,
+    ControlRecord,
+    version_number,
+)
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import AdapterStore, make_adapter_store
 
@@ -54,13 +52,6 @@ for _reason in REASONS:
     metrics.ADAPTER_REFUSED.labels(_reason)
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-COMMAND_TIMEOUT_S = 120.0
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is stopping (or stopped): nothing can be loaded now."""
 
 
 class UnknownVersion(LookupError):
@@ -100,10 +91,10 @@ class AdapterManager:
         self.pinned: str | None = None
         self.status = {BASE_VERSION: VersionStatus("good", kl_live=0.0, kl_base=0.0)}
         self._lock = threading.RLock()
-        self._shapes = module_shapes(registry.model)
-        self._probes = build_probes(base.tokenizer, settings.adapter_probe_prompts)
-        self._probe_cache: dict[str, torch.Tensor] = {}
-        """Probe log-probs [positions, vocab] of 'base' and of the live version (written under self._lock)."""
+        self.admission = Admission(settings, engine, registry, base, self.store)
+        self.on_refused: Callable[[str, str, str], None] | None = None
+        """Called with (version, reason, message) when a check refuses a version for good (the control
+        plane tells the cluster)."""
 
     @property
     def live(self) -> str:
@@ -112,8 +103,9 @@ class AdapterManager:
     # --- triggers ---------------------------------------------------------------------------------------
 
     def start_up(self) -> str:
-        """Make the newest version in the store that passes its checks live (older ones are tried in turn)."""
-        return self._follow_newest("startup", enforce_kl_live=False)
+        """Make the newest version in the store that passes its checks live (older ones are tried in turn),
+        or the pinned one when the control log (`restore`) pinned one."""
+        return self.reconcile("startup", enforce_kl_live=False)
 
     def catch_up(self) -> str:
         """Go to the newest good version above the live one unless pinned (the follower calls this whenever
@@ -156,11 +148,7 @@ class AdapterManager:
                 raise VersionConflict(
                     f"{version} was refused ({known.reason}: {known.message}); it cannot be pinned"
                 )
-            if not self._try(version, "pin", enforce_kl_live=False):
-                refused = self.status[version]
-                raise VersionConflict(f"{version} failed its checks ({refused.reason}: {refused.message})")
-            self.pinned = version
-            return version
+            return self._pin(version, "pin")
 
     def unpin(self) -> str:
         """Follow the newest good version again; returns the live version."""
@@ -171,15 +159,105 @@ class AdapterManager:
     def rollback(self) -> str:
         """Back to the newest good version below the live one, pinned; returns it."""
         with self._lock:
-            live_number = version_number(self.live)
-            older = [v for v in reversed(self.store.versions()) if version_number(v) < live_number]
-            for version in [*older, BASE_VERSION] if live_number > 0 else []:
-                if self._refused(version):
-                    continue
-                if self._try(version, "rollback", enforce_kl_live=False):
-                    self.pinned = version
-                    return version
-            raise VersionConflict(f"no good version before {self.live} to roll back to")
+            return self._pin(self.rollback_target(), "rollback")
+
+    def rollback_target(self) -> str:
+        """The newest version below the live one that passes its checks (loaded, not live yet)."""
+        with self._lock:
+            target = self._newest_good_below(self.live)
+            if target is None:
+                raise VersionConflict(f"no good version before {self.live} to roll back to")
+            return target
+
+    def refuse(self, version: str, message: str, reason: str = "operator") -> str:
+        """``version`` never serves again; if it is live, step down to the newest good version below it.
+
+        Returns the live version. Requests that name it get 404 from now on; those running finish.
+        """
+        with self._lock:
+            if version == BASE_VERSION:
+                raise VersionConflict(f"{BASE_VERSION} is the base model itself; it cannot be refused")
+            if not self._refused(version):
+                self.status[version] = VersionStatus("refused", reason, message, checked_at=time.time())
+                metrics.ADAPTER_REFUSED.labels(reason).inc()
+                log.warning("adapter %s refused (%s): %s", version, reason, message)
+            if self.pinned == version:
+                self.pinned = None
+            if self.live == version:
+                below = self._newest_good_below(version) or BASE_VERSION
+                self._try(below, "refuse", enforce_kl_live=False)
+            if self.live != version:
+                self.registry.withdraw(version)
+            return self.live
+
+    # --- the cluster's decisions (service/adapters/control.py applies them in the log's order) -------------
+
+    def plan(self, action: ControlAction, version: str | None) -> str | None:
+        """Validate a decision before it goes on the log; returns the version the record names (rollback:
+        its target, resolved here so every replica goes to the same one). UnknownVersion / VersionConflict."""
+        with self._lock:
+            if action is ControlAction.rollback:
+                return self.rollback_target()
+            if action is ControlAction.unpin:
+                return None
+            assert version is not None
+            self._require_known(version)
+            if version == BASE_VERSION and action is ControlAction.refuse:
+                raise VersionConflict(f"{BASE_VERSION} is the base model itself; it cannot be refused")
+            if self._refused(version) and action is ControlAction.pin:
+                known = self.status[version]
+                raise VersionConflict(
+                    f"{version} was refused ({known.reason}: {known.message}); it cannot be pinned"
+                )
+            return version
+
+    def apply(self, record: ControlRecord) -> str:
+        """Carry out a decision now (loading what it needs); returns the live version. Raises like the
+        admin actions do when this replica cannot (VersionConflict, UnknownVersion, EngineUnavailable)."""
+        with self._lock:
+            if record.action is ControlAction.unpin:
+                return self.unpin()
+            assert record.version is not None
+            if record.action is ControlAction.refuse:
+                return self.refuse(record.version, record.reason or "", record.check or "operator")
+            if record.action is ControlAction.pin:
+                return self.pin(record.version)
+            if self._refused(record.version):
+                raise VersionConflict(f"{record.version} is refused here; cannot roll back to it")
+            return self._pin(record.version, "rollback")
+
+    def restore(self, record: ControlRecord) -> None:
+        """Fold a past decision into the state without loading anything (`reconcile` then does)."""
+        with self._lock:
+            if record.action is ControlAction.unpin:
+                self.pinned = None
+            elif record.action is ControlAction.refuse:
+                assert record.version is not None
+                reason = record.check or "operator"
+                self.status[record.version] = VersionStatus(
+                    "refused", reason, record.reason or "", checked_at=record.issued_at
+                )
+                if self.pinned == record.version:
+                    self.pinned = None
+            else:
+                self.pinned = record.version
+
+    def reconcile(self, trigger: str = "reconcile", enforce_kl_live: bool = True) -> str:
+        """Make what is live agree with the state: the pinned version if any, never a refused one, else
+        the newest good version. Returns the live version."""
+        with self._lock:
+            if self.pinned is not None:
+                if self.live == self.pinned:
+                    return self.live
+                if not self._refused(self.pinned) and self._try(self.pinned, trigger, enforce_kl_live=False):
+                    return self.live
+                log.error(
+                    "the pinned version %s cannot go live on this replica; following the newest", self.pinned
+                )
+                self.pinned = None
+            if self._refused(self.live):
+                self._try(self._newest_good_below(self.live) or BASE_VERSION, trigger, enforce_kl_live=False)
+            return self._follow_newest(trigger, enforce_kl_live=enforce_kl_live)
 
     # --- checking and swapping ------------------------------------------------------------------------------
 
@@ -195,20 +273,30 @@ class AdapterManager:
                     break
             return self.live
 
-    def _try(
-        self,
-        version: str,
-        trigger: str,
-        *,
-        enforce_kl_live: bool,
-        announcement: AdapterAnnouncement | None = None,
+    def _pin(self, version: str, trigger: str) -> str:
+        if not self._try(version, trigger, enforce_kl_live=False):
+            refused = self.status[version]
+            raise VersionConflict(f"{version} failed its checks ({refused.reason}: {refused.message})")
+        self.pinned = version
+        return version
+
+    def _newest_good_below(self, version: str) -> str | None:
+        """The newest version below ``version`` that passes its checks (v0 at the bottom), loaded."""
+        number = version_number(version)
+        older = [v for v in reversed(self.store.versions()) if version_number(v) < number]
+        for candidate in [*older, BASE_VERSION] if number > 0 else []:
+            if not self._refused(candidate) and self._check(candidate, enforce_kl_live=False):
+                return candidate
+        return None
+
+    def _check(
+        self, version: str, *, enforce_kl_live: bool, announcement: AdapterAnnouncement | None = None
     ) -> bool:
-        """Check, load and make ``version`` live; on failure refuse it and keep the live one. True if live."""
-        started = time.perf_counter()
+        """Check and load ``version`` (published, not live); on failure refuse it. True if it passed."""
         try:
-            self._admit_version(version, announcement, enforce_kl_live)
+            probed = self.admission.admit(version, self.live, announcement, enforce_kl_live)
         except Refused as refusal:
-            self._forget_probes()
+            self.admission.forget(self.live)
             self.status[version] = VersionStatus(
                 "refused", refusal.reason, refusal.message, refusal.retry, checked_at=time.time()
             )
@@ -220,9 +308,30 @@ class AdapterManager:
                 refusal.message,
                 self.live,
             )
+            if not refusal.retry and self.on_refused is not None:
+                self.on_refused(version, refusal.reason, refusal.message)
+            return False
+        if probed is not None:  # newly checked (not v0, not still loaded from an earlier check)
+            kl_live, kl_base = probed
+            self.status[version] = VersionStatus(
+                "good", kl_live=kl_live, kl_base=kl_base, checked_at=time.time()
+            )
+        return True
+
+    def _try(
+        self,
+        version: str,
+        trigger: str,
+        *,
+        enforce_kl_live: bool,
+        announcement: AdapterAnnouncement | None = None,
+    ) -> bool:
+        """Check, load and make ``version`` live; on failure refuse it and keep the live one. True if live."""
+        started = time.perf_counter()
+        if not self._check(version, enforce_kl_live=enforce_kl_live, announcement=announcement):
             return False
         previous = self.registry.set_live(version)
-        self._forget_probes()
+        self.admission.forget(self.live)
         if previous != version:
             metrics.ADAPTER_SWAPS.labels(trigger).inc()
             log.info(
@@ -233,85 +342,6 @@ class AdapterManager:
                 1000 * (time.perf_counter() - started),
             )
         return True
-
-    def _admit_version(
-        self, version: str, announcement: AdapterAnnouncement | None, enforce_kl_live: bool
-    ) -> None:
-        """Checks + load + KL probe; leaves the version published (servable) or raises `Refused`."""
-        if version == BASE_VERSION:
-            return  # the empty adapter, always loaded
-        try:
-            self.registry.resolve(version)  # still loaded: it passed its checks; resolving keeps it a while
-            return
-        except UnknownAdapter:
-            pass
-        checked = check_files(self.store, version, self.fingerprint, self._shapes, announcement)
-        self._call(
-            lambda: self.registry.load(version, checked.directory, checked.weights), "peft could not load it"
-        )
-        kl_live = kl_base = None
-        try:
-            if self._probes:
-                kl_live, kl_base = self._kl(version)
-                metrics.ADAPTER_PROBE_KL.labels("live").set(kl_live)
-                metrics.ADAPTER_PROBE_KL.labels("base").set(kl_base)
-                s = self.settings
-                if enforce_kl_live and kl_live > s.adapter_max_kl_live:
-                    raise Refused(
-                        "kl_live",
-                        f"KL(new || live {self.live}) = {kl_live:.4f} nats/token on the "
-                        f"probe prompts > THUMBTUNE_ADAPTER_MAX_KL_LIVE = "
-                        f"{s.adapter_max_kl_live}",
-                    )
-                if kl_base > s.adapter_max_kl_base:
-                    raise Refused(
-                        "kl_base",
-                        f"KL(new || base) = {kl_base:.4f} nats/token on the probe "
-                        f"prompts > THUMBTUNE_ADAPTER_MAX_KL_BASE = "
-                        f"{s.adapter_max_kl_base}",
-                    )
-            self.registry.publish(version)
-        finally:
-            self.registry.unstage(version)  # refused: the engine unloads it at its next step
-        self.status[version] = VersionStatus("good", kl_live=kl_live, kl_base=kl_base, checked_at=time.time())
-
-    def _kl(self, version: str) -> tuple[float, float]:
-        """KL(new || live) and KL(new || base) on the probe prompts, mean per token.
-
-        Each (prompt, adapter) forward is its own engine command, so decode steps go on in between;
-        the live version's and the base's log-probs are cached, so a check usually runs only the new rows.
-        """
-        live = BASE if self.live == BASE_VERSION else self.live  # v0's LoRA B is zero: it *is* the base
-        for name in dict.fromkeys((version, live, BASE)):
-            if name not in self._probe_cache or name == version:
-                rows = [
-                    self._call(
-                        lambda row=row, name=name: probe_logprobs(self.registry, row, name),
-                        "the KL probe failed",
-                    )
-                    for row in self._probes
-                ]
-                self._probe_cache[name] = torch.cat(rows)
-        new = self._probe_cache[version]
-        return mean_kl(new, self._probe_cache[live]), mean_kl(new, self._probe_cache[BASE])
-
-    def _call(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` on the engine thread; its failure refuses the version (load_error)."""
-        try:
-            future = self.engine.call(fn)
-        except RuntimeError as exc:
-            raise EngineUnavailable(str(exc)) from exc
-        try:
-            return future.result(timeout=COMMAND_TIMEOUT_S)
-        except TimeoutError:
-            future.cancel()  # if it has not started, it never will
-            raise
-        except Exception as exc:
-            raise Refused("load_error", f"{what}: {exc!r}") from exc
-
-    def _forget_probes(self) -> None:
-        """Keep the cached probe log-probs of the base and the live version only."""
-        self._probe_cache = {k: v for k, v in self._probe_cache.items() if k in (BASE, self.live)}
 
     def _refused(self, version: str) -> bool:
         """Refused for good (a version that was not in the store yet is tried again)."""
@@ -328,49 +358,3 @@ class AdapterManager:
                 f"no adapter version {version} in the store {self.store}; it has "
                 f"{self.store.versions() or 'no versions'}"
             )
-
-    # --- what /admin/adapters shows -----------------------------------------------------------------------
-
-    def describe(self, follower: FollowerView | None = None) -> AdaptersView:
-        """A snapshot for GET /admin/adapters (no lock: an operator can look while a check runs)."""
-        statuses, live, pinned = dict(self.status), self.live, self.pinned
-        stored = self.store.versions()
-        loaded = self.registry.versions()
-        versions = []
-        for version in sorted({BASE_VERSION, *stored, *statuses, *loaded}, key=version_number):
-            status = statuses.get(version)
-            ratings, approvals = metrics.APPROVALS.get(version)
-            checked = asdict(status) if status is not None else {}
-            checked.pop("retry", None)
-            versions.append(
-                AdapterVersionView(
-                    **(checked | {"state": status.state if status else "unchecked"}),
-                    version=version,
-                    in_store=version in stored,
-                    loaded=version in loaded,
-                    live=version == live,
-                    pinned=version == pinned,
-                    ratings=ratings,
-                    approvals=approvals,
-                    approval_rate=approvals / ratings if ratings else None,
-                )
-            )
-        s = self.settings
-        return AdaptersView(
-            live=live,
-            pinned=pinned,
-            following=s.adapter_follow and pinned is None,
-            loaded=loaded,
-            versions=versions,
-            refused={
-                v: Refusal(reason=st.reason, message=st.message)
-                for v, st in statuses.items()
-                if st.state == "refused"
-            },
-            kl_bounds=KLBounds(
-                live=s.adapter_max_kl_live, base=s.adapter_max_kl_base, probe_prompts=len(self._probes)
-            ),
-            base_model=self.model_id,
-            base_fingerprint=self.fingerprint,
-            follower=follower,
-        )

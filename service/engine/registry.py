@@ -38,6 +38,9 @@ BASE = ADAPTER_OFF
 """The name of the adapter switched off (a request's ``model: base``, an event's ``adapter_version``)."""
 PEFT_BASE_ROW = "__base__"
 """peft's name for a row with the adapter off in a mixed batch (``adapter_names``)."""
+_PEFT_LOAD = threading.Lock()
+"""peft's low_cpu_mem_usage loading swaps ``nn.Module.register_parameter`` process-wide while it runs, so two
+engines in one process (replicas in a test, say) must not insert adapters at the same moment."""
 RESOLVE_GRACE_S = 10.0
 """A version a request resolved this recently is not unloaded: the request may not have reached the engine."""
 
@@ -101,10 +104,11 @@ class AdapterRegistry:
         try:
             config = PeftConfig.from_pretrained(str(directory))
             config.inference_mode = True
-            self.model.add_adapter(version, config, low_cpu_mem_usage=True)
-            result = set_peft_model_state_dict(
-                self.model, weights, adapter_name=version, low_cpu_mem_usage=True
-            )
+            with _PEFT_LOAD:
+                self.model.add_adapter(version, config, low_cpu_mem_usage=True)
+                result = set_peft_model_state_dict(
+                    self.model, weights, adapter_name=version, low_cpu_mem_usage=True
+                )
             missing = [k for k in result.missing_keys if f".{version}." in k and "lora_" in k]
             if missing:
                 raise ValueError(f"{len(missing)} LoRA weights missing from the file, e.g. {missing[0]}")
@@ -127,6 +131,15 @@ class AdapterRegistry:
             if version not in self.loaded:
                 self.loaded.append(version)
             self._staged.discard(version)
+
+    def withdraw(self, version: str) -> None:
+        """A refused version is no longer servable by name; running sequences finish, collect unloads it."""
+        with self._lock:
+            if version == self.live:
+                raise ValueError(f"{version} is live: make another version live before withdrawing it")
+            if version in self.loaded:
+                self.loaded.remove(version)
+            self._resolved_at.pop(version, None)
 
     def set_live(self, version: str) -> str:
         """Make a published version live; returns the previous live version."""

@@ -17,6 +17,7 @@ import pytest
 
 from learner.config import LearnerSettings
 from learner.consumer import KafkaLearner
+from service.adapters.view import describe
 from tests.support import loop_rules, wait_for
 from tests.support.kafka import feedback_events, read_topic
 from tests.support.learner import tiny_base
@@ -185,7 +186,7 @@ def test_simulated_thumbs_train_versions_the_server_swaps_in_and_approval_rises(
     served = report.by_version()
     assert not report.errors, report.errors
     assert len(served) >= 3, served
-    assert rt.adapters.live == last and rt.adapter_manager.describe().refused == {}
+    assert rt.adapters.live == last and describe(rt.adapter_manager).refused == {}
     assert list(served)[0] == "v0"
     assert {r.adapter_version for r in report.ratings[-PHASES[-1] * BATCH :]} >= {f"v{sum(PHASES[:-1])}"}
     later = [a for r in report.ratings if r.adapter_version not in ("v0", "v1") for a in r.approved]

@@ -16,7 +16,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from service.publisher import FeedbackPublisher
 from thumbtune.cli.broker import EmbeddedBroker
 from thumbtune.cli.process import free_port
-from thumbtune.core.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC, FeedbackEvent
+from thumbtune.core.contract import ADAPTERS_TOPIC, CONTROL_TOPIC, FEEDBACK_TOPIC, FeedbackEvent
 from thumbtune.core.kafka import ensure_topics
 
 ConsumeAll = Callable[..., list[ConsumerRecord]]
@@ -69,7 +69,7 @@ def own_broker(log_dir: Path, feedback_partitions: int = 1) -> Iterator[Embedded
     consumer groups read a topic from the start (the session `broker` holds other tests' events). Tests
     take it as the `kafka` fixture (tests/conftest.py)."""
     with EmbeddedBroker(port=free_port(), log_file=log_dir / "tansu.log") as b:
-        ensure_topics(b.bootstrap, {FEEDBACK_TOPIC: feedback_partitions, ADAPTERS_TOPIC: 1})
+        ensure_topics(b.bootstrap, {FEEDBACK_TOPIC: feedback_partitions, ADAPTERS_TOPIC: 1, CONTROL_TOPIC: 1})
         yield b
 
 

@@ -28,7 +28,11 @@ SCHEMA_VERSION = 1
 
 FEEDBACK_TOPIC = "thumbtune.feedback"
 ADAPTERS_TOPIC = "thumbtune.adapters"
-TOPICS = (FEEDBACK_TOPIC, ADAPTERS_TOPIC)
+CONTROL_TOPIC = "thumbtune.control"
+"""The cluster's decisions about adapter versions (`ControlRecord`) and the replicas' receipts of them
+(`ControlAck`), in one partition so every replica applies them in one order. Kept for ever: a replica that
+starts rebuilds the state from the whole log."""
+TOPICS = (FEEDBACK_TOPIC, ADAPTERS_TOPIC, CONTROL_TOPIC)
 
 LEARNER_GROUP = "thumbtune-learner"
 BASE_VERSION = "v0"
@@ -228,6 +232,82 @@ class AdapterManifest(BaseModel):
     )
     diagnostics: dict[str, float] = Field(default_factory=dict)
     sha256: dict[str, str] = Field(default_factory=dict)
+
+
+class ControlAction(str, Enum):
+    pin = "pin"
+    """Make ``version`` live on every replica and keep it there until unpin, rollback or refuse."""
+    unpin = "unpin"
+    """Follow the newest good version again."""
+    rollback = "rollback"
+    """Pin ``version``, the newest good version below ``previous`` (resolved by the replica that took the
+    call, so every replica goes to the same one)."""
+    refuse = "refuse"
+    """``version`` never serves again (``reason``); where it is live, serving steps down to the newest good
+    version below it. Sent by operators and by a replica whose admission checks refused the version."""
+
+
+class ControlRecord(BaseModel):
+    """A decision on `CONTROL_TOPIC`: applied, in log order, by every replica (key: ``record_id``).
+
+    The log is the cluster's state: folding every record from the start gives each replica the same
+    pinned version and the same refused versions, whatever it saw before.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["decision"] = "decision"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    record_id: str
+    action: ControlAction
+    version: str | None = Field(default=None, description="The version acted on; None for unpin.")
+    previous: str | None = Field(
+        default=None, description="The live version where the decision was taken (rollback: rolled back)."
+    )
+    reason: str | None = Field(
+        default=None, max_length=2000, description="Why (refuse: shown as its message)."
+    )
+    check: str | None = Field(
+        default=None, description="For a refusal by actor 'checks': the check it failed."
+    )
+    actor: str = Field(description="Who decided: 'admin', or 'checks' for an admission check's refusal.")
+    replica: str = Field(description="The replica that published the record.")
+    issued_at: float
+
+    @model_validator(mode="after")
+    def _version_given(self) -> ControlRecord:
+        if (self.version is None) != (self.action is ControlAction.unpin):
+            raise ValueError(f"a {self.action.value} record names a version, and only unpin names none")
+        if self.version is not None:
+            version_number(self.version)
+        return self
+
+
+class ControlAck(BaseModel):
+    """A replica's receipt of a `ControlRecord` (or, with ``record_id`` None, its arrival or departure)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["ack"] = "ack"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    record_id: str | None = Field(description="The decision applied; None: a replica joined or left.")
+    replica: str
+    applied: bool = Field(description="Applied as decided; False: ``error`` says why not.")
+    live: str = Field(description="The replica's live version after applying it.")
+    error: str | None = None
+    leaving: bool = Field(default=False, description="The replica is shutting down.")
+    at: float
+
+
+def parse_control(data: bytes) -> ControlRecord | ControlAck:
+    """A record of `CONTROL_TOPIC`; ValueError if it is neither kind."""
+    raw = json.loads(data)
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "decision":
+        return ControlRecord.model_validate(raw)
+    if kind == "ack":
+        return ControlAck.model_validate(raw)
+    raise ValueError(f"not a control record (type {kind!r})")
 
 
 def version_number(version: str) -> int:

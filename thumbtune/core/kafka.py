@@ -23,7 +23,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from thumbtune.core.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC
+from thumbtune.core.contract import ADAPTERS_TOPIC, CONTROL_TOPIC, FEEDBACK_TOPIC
 from thumbtune.core.settings import Settings
 
 
@@ -39,7 +39,16 @@ def bootstrap_servers(servers: str) -> list[str]:
 
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """thumbtune's topics and the partitions they get when thumbtune creates them."""
-    return {FEEDBACK_TOPIC: settings.feedback_partitions, ADAPTERS_TOPIC: settings.adapters_partitions}
+    return {
+        FEEDBACK_TOPIC: settings.feedback_partitions,
+        ADAPTERS_TOPIC: settings.adapters_partitions,
+        CONTROL_TOPIC: 1,  # one order of decisions for every replica
+    }
+
+
+TOPIC_CONFIGS = {CONTROL_TOPIC: {"retention.ms": "-1", "retention.bytes": "-1"}}
+"""Topic settings thumbtune asks for when it creates a topic: the control log is the cluster's state, so it
+is never deleted (on a cluster whose topics are made by an operator, give thumbtune.control the same)."""
 
 
 def consumer_group_config(settings: Settings) -> dict[str, int]:
@@ -122,7 +131,16 @@ def ensure_topics(
                 missing = [t for t in partitions if t not in set(admin.list_topics())]
                 for topic in missing:
                     try:
-                        admin.create_topics([NewTopic(topic, partitions[topic], replication_factor)])
+                        admin.create_topics(
+                            [
+                                NewTopic(
+                                    topic,
+                                    partitions[topic],
+                                    replication_factor,
+                                    topic_configs=TOPIC_CONFIGS.get(topic),
+                                )
+                            ]
+                        )
                     except TopicAlreadyExistsError:
                         pass  # created concurrently (or auto-created): fine
                 return

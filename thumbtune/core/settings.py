@@ -71,8 +71,20 @@ class Settings(BaseSettings):
     adapter_store: str = Field("", description="Adapter store directory; default <cache_dir>/adapters.")
     adapter_follow: bool = Field(
         True,
-        description="Follow thumbtune.adapters and make each new version that passes its checks live "
-        "(off: no consumer; start-up still loads the newest good version, admin pin/rollback still work).",
+        description="Follow thumbtune.adapters and make each new version that passes its checks live, and "
+        "follow thumbtune.control, the cluster's decisions (off: a replica on its own, without Kafka: "
+        "start-up loads the newest good version, admin pin/unpin/rollback/refuse act on this replica only).",
+    )
+    replica_id: str = Field(
+        "",
+        description="This server's name on thumbtune.control (receipts of decisions); default host name and "
+        "process id (in a container: the pod's name and 1).",
+    )
+    control_confirm_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="How long an admin call waits for the other replicas to confirm its decision.",
     )
     adapter_max_kl_live: float = Field(
         0.5,
