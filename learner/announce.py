@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from kafka import KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
@@ -37,6 +38,8 @@ SUMMARY_STATS = (
 )
 """Diagnostics copied from the manifest into the announcement (the rest stay in the manifest)."""
 
+_RETRY_S = (0.5, 5.0)
+"""Announcement retry back-off, first and longest."""
 _TAIL = 32
 """Announcements read back per partition on start: the newest version, if announced, is among the last."""
 
@@ -164,3 +167,20 @@ def announce_latest_if_missing(settings: Settings, store: AdapterStore, announce
     )
     announcer.announce(announcement)
     return version
+
+
+def retrying(what: str, attempt: Callable[[], bool], stopping: Callable[[], bool]) -> bool:
+    """Run ``attempt`` (an announcement) until it succeeds (True) or ``stopping()`` (False), retrying Kafka
+    and network errors with back-off."""
+    delay = _RETRY_S[0]
+    while True:
+        try:
+            return attempt()
+        except (KafkaError, OSError) as exc:
+            if stopping():
+                return False
+            log.warning("could not %s (%r); retrying in %.1f s", what, exc, delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not stopping():
+                time.sleep(0.1)
+            delay = min(delay * 2, _RETRY_S[1])

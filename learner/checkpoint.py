@@ -8,7 +8,11 @@ Layout of ``v<N>/`` (the file names are the contract's; every file but the manif
                                     weights theta when the adapter file holds their Polyak average
                                     (learner/average.py), and the reward model's rated answers
   REWARD_MODEL_WEIGHTS              the reward model's heads (learner/reward_model.py), when it has one
-  MANIFEST                          `AdapterManifest`, written last by the store
+  MANIFEST                          `AdapterManifest`, written last by the store (plus the learner's
+                                    ``refused`` and ``restored_from``: learner/control.py)
+
+`load_latest` resumes the newest version at start-up; `restore_version` puts an older one back into the
+policy in memory, the same way, when the head was refused.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from peft import set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 
 from learner.average import load_trained_weights, lora_parameters
 from learner.config import LearnerSettings
@@ -31,6 +37,7 @@ from thumbtune.core.base_model import LoadedBase
 from thumbtune.core.contract import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    BASE_VERSION,
     LEARNER_STATE,
     REWARD_MODEL_WEIGHTS,
     VALUE_HEAD_WEIGHTS,
@@ -51,10 +58,12 @@ def save_version(
     event_ids: list[str],
     offsets: dict[str, int] | None = None,
     diagnostics: dict[str, float] | None = None,
+    extra: dict[str, object] | None = None,
 ) -> str:
     """Write the policy as the store's next version (parent: the one it was trained from); return its name.
 
-    ``policy.version`` becomes the new version: the weights in memory now are that version.
+    ``policy.version`` becomes the new version: the weights in memory now are that version. ``extra``:
+    manifest fields beyond the contract's (``refused``, ``restored_from``: learner/control.py).
     """
     version = store.next_version()
 
@@ -83,6 +92,7 @@ def save_version(
         offsets=dict(offsets or {}),
         event_ids=list(event_ids),
         diagnostics=finite(diagnostics or {}),
+        **(extra or {}),
     )
     store.write_version(version, write, manifest)
     policy.version = version
@@ -95,7 +105,7 @@ def load_latest(
     """The policy and learner state to continue from: the store's latest version, else a fresh v0.
 
     Refuses a latest version that was trained on another base model or whose files do not match
-    their manifest: training on from the wrong weights would silently publish nonsense.
+    their manifest (`check_loadable`).
     """
     device = resolve_device(learner_settings.device)
     precision = resolve_precision(learner_settings.precision, device)
@@ -108,6 +118,55 @@ def load_latest(
         log.info("adapter store %s is empty: training from the empty adapter v0", store)
         return policy, new_state(policy, learner_settings)
 
+    check_loadable(store, version, base)
+    directory = store.path(version)
+    policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
+    state = resume_state(policy, directory, learner_settings)
+    log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
+    return policy, state
+
+
+def restore_version(
+    policy: Policy, store: AdapterStore, version: str, base: LoadedBase, learner_settings: LearnerSettings
+) -> LearnerState:
+    """Put ``version`` back into ``policy`` and return its learner state, all as `load_latest` resumes it at
+    start-up (v0: the empty adapter and a fresh state). ``policy.version`` becomes ``version``.
+
+    In place, since peft injected the LoRA layers into the base model itself (a second PeftModel over it
+    would nest them): the adapter file's weights (the published average w when averaging) go into the LoRA
+    parameters, then `resume_state` builds the average on them and puts theta back. v0's B is zero (its
+    output is the base's) and its A is drawn afresh from the seed, as a fresh learner's is. Raises
+    RuntimeError, as `load_latest` does, for a version of another base or with damaged files.
+    """
+    if version == BASE_VERSION:
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(learner_settings.seed)
+            for module in policy.model.modules():
+                if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+                    module.reset_lora_parameters(ADAPTER_NAME, init_lora_weights=True)
+            for p in policy.value_head.parameters():
+                p.zero_()
+        policy.version = BASE_VERSION
+        return new_state(policy, learner_settings)
+    check_loadable(store, version, base)
+    directory = store.path(version)
+    loaded = set_peft_model_state_dict(
+        policy.model, load_file(str(directory / ADAPTER_WEIGHTS)), adapter_name=ADAPTER_NAME
+    )
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if loaded.unexpected_keys or missing:
+        raise RuntimeError(
+            f"adapter {version} in {store} does not fit the learner's LoRA: unexpected "
+            f"{loaded.unexpected_keys[:3]}, missing {missing[:3]}"
+        )
+    policy.value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_WEIGHTS)))
+    policy.version = version
+    return resume_state(policy, directory, learner_settings)
+
+
+def check_loadable(store: AdapterStore, version: str, base: LoadedBase) -> None:
+    """RuntimeError for a version trained on another base model or whose files do not match their
+    manifest: training on from the wrong weights would silently publish nonsense."""
     manifest = store.read_manifest(version)
     if manifest.base_fingerprint != base.fingerprint:
         raise RuntimeError(
@@ -118,9 +177,11 @@ def load_latest(
     problems = store.verify(version)
     if problems:
         raise RuntimeError(f"adapter {version} in {store} is damaged: {'; '.join(problems)}")
-    directory = store.path(version)
-    policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
-    # the average (if any) starts from the stored adapter, which is the published w
+
+
+def resume_state(policy: Policy, directory: Path, learner_settings: LearnerSettings) -> LearnerState:
+    """The learner state of the version in ``directory``, whose adapter ``policy`` holds now: the average
+    (if any) starts from that adapter, which is the published w, and theta comes back from LEARNER_STATE."""
     state = new_state(policy, learner_settings)
     state_file = directory / LEARNER_STATE
     if state_file.is_file():
@@ -131,11 +192,10 @@ def load_latest(
     else:
         log.warning(
             "%s has no %s: resuming its weights with a fresh optimizer and statistics",
-            version,
+            policy.version,
             LEARNER_STATE,
         )
-    log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
-    return policy, state
+    return state
 
 
 def new_state(policy: Policy, learner_settings: LearnerSettings) -> LearnerState:

@@ -19,6 +19,9 @@ after it are never lost. A version that was saved but not announced is announced
 (`learner.announce.announce_latest_if_missing`); event ids a producer sent twice are dropped against
 every manifest's ``event_ids`` (`Learner.admit`). The crash test stops it between save and commit with
 the test hook ``THUMBTUNE_LEARNER_TEST_PAUSE_AT`` (`KafkaLearner._pause_for_test`).
+
+Refused versions: a `learner.control.ControlFollower` reads ``thumbtune.control`` in a thread into the
+learner's refusals; the updates leave a refused head themselves (`Learner.step_off_refused`), offsets as is.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from learner import metrics
-from learner.announce import Announcer, announce_latest_if_missing, announcement_for
+from learner.announce import Announcer, announce_latest_if_missing, announcement_for, retrying
 from learner.config import LearnerSettings
+from learner.control import ControlFollower
 from learner.events import staleness
 from learner.progress import Progress
 from learner.trainer import Learner
@@ -50,7 +54,6 @@ log = logging.getLogger(__name__)
 
 TEST_PAUSE_ENV = "THUMBTUNE_LEARNER_TEST_PAUSE_AT"
 _POLL_MS = 500  # the longest a stop request waits for the consumer
-_RETRY_S = (0.5, 5.0)  # announcement retry back-off, first and longest
 
 
 class StopRequested(BaseException):
@@ -93,6 +96,7 @@ class KafkaLearner:
         self.learner = learner if learner is not None else Learner(settings, learner_settings)
         self.progress = progress if progress is not None else Progress(learner_settings.batch_size, tty=False)
         self.announcer = Announcer(settings)
+        self.control = ControlFollower(settings, self.learner.refusals)
         store, latest = self.learner.store, self.learner.store.latest()
         self.durable: dict[str, int] = dict(store.read_manifest(latest).offsets) if latest else {}
         """Offsets of the newest version: where consumption restarts after a crash or a rebalance."""
@@ -164,9 +168,11 @@ class KafkaLearner:
         ls = self.learner_settings
         try:
             ensure_topics(self.settings.kafka_bootstrap_servers, topic_partitions(self.settings))
-            self._with_retries(
+            self.control.start()  # refusals of versions (learner/control.py), followed in a thread
+            retrying(
                 "announce the newest version",
                 lambda: announce_latest_if_missing(self.settings, self.learner.store, self.announcer) or True,
+                lambda: self.stopping,
             )
             self._consumer = self._subscribe()
             log.info(
@@ -191,6 +197,7 @@ class KafkaLearner:
             if self._consumer is not None:
                 self._consumer.close(autocommit=False)
             self.announcer.close()
+            self.control.stop()
         return self.versions
 
     def _subscribe(self) -> KafkaConsumer:
@@ -230,7 +237,7 @@ class KafkaLearner:
         return (
             self._due()
             or len(self.pending) + (self.lag or 0) >= ls.batch_size
-            or any(staleness(e, self.learner.version) >= ls.max_staleness for e in self.pending)
+            or any(staleness(e, self.learner.newest) >= ls.max_staleness for e in self.pending)
         )
 
     def _consume(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
@@ -309,8 +316,10 @@ class KafkaLearner:
         self.progress.trained(version, diagnostics)
         self._pause_for_test("after_save")
         announcement = announcement_for(self.learner.store, version)
-        if not self._with_retries(
-            f"announce {version}", lambda: self.announcer.announce(announcement) or True
+        if not retrying(
+            f"announce {version}",
+            lambda: self.announcer.announce(announcement) or True,
+            lambda: self.stopping,
         ):
             return  # stopping before it went out: the next start announces it
         metrics.ANNOUNCEMENTS.inc()
@@ -328,21 +337,6 @@ class KafkaLearner:
         except KafkaError as exc:
             metrics.COMMIT_FAILURES.inc()
             log.info("offset commit failed (%r); harmless, the manifest holds the offsets", exc)
-
-    def _with_retries(self, what: str, attempt: Callable[[], bool]) -> bool:
-        """Run ``attempt`` until it succeeds (True) or a stop is requested (False)."""
-        delay = _RETRY_S[0]
-        while True:
-            try:
-                return attempt()
-            except (KafkaError, OSError) as exc:
-                if self.stopping:
-                    return False
-                log.warning("could not %s (%r); retrying in %.1f s", what, exc, delay)
-                deadline = time.monotonic() + delay
-                while time.monotonic() < deadline and not self.stopping:
-                    time.sleep(0.1)
-                delay = min(delay * 2, _RETRY_S[1])
 
     def _observe(self) -> None:
         consumer = self._consumer

@@ -3,8 +3,9 @@
 They live in a registry of their own (`REGISTRY`, plus the process collectors), so the learner's
 ``/metrics`` exports learner series only, whatever else its process imports. Names start with
 ``thumbtune_learner_`` so a dashboard can scrape the server and the learner into one Prometheus without
-clashes. Label sets are bounded: the only label is the drop reason, and reason codes
-outside `DROP_REASONS` count as ``other`` (a producer sending garbage must not mint new series).
+clashes. Label sets are bounded: the labels are the drop reason (codes outside `DROP_REASONS` count as
+``other``: a producer sending garbage must not mint new series) and a restore's actor (`ACTORS`, else
+``other``).
 
 Every diagnostic `learner.update.ppo_update` returns is a gauge holding the last update's value, so the
 quantities an RL practitioner watches first (approx-KL, clip fraction, explained variance, KL to the
@@ -108,6 +109,22 @@ ANNOUNCEMENTS = Counter(
 COMMIT_FAILURES = Counter(
     "thumbtune_learner_commit_failures_total",
     "Offset commits that failed (harmless: manifests hold offsets).",
+    registry=REGISTRY,
+)
+ACTORS = ("admin", "checks", "canary")
+"""Who decides on thumbtune.control (`ControlRecord.actor`); anything else is ``other``."""
+RESTORES = Counter(
+    "thumbtune_learner_restores_total",
+    "Updates that started from an older version because the learner's head was refused or rolled back "
+    "from on thumbtune.control, by who decided.",
+    ["actor"],
+    registry=REGISTRY,
+)
+for _actor in (*ACTORS, "other"):
+    RESTORES.labels(actor=_actor)
+REFUSED_VERSIONS = Gauge(
+    "thumbtune_learner_refused_versions",
+    "Versions the learner knows were refused or rolled back from (it never trains on from them).",
     registry=REGISTRY,
 )
 CURRENT_VERSION = Gauge(
@@ -238,6 +255,11 @@ def record_update(version: str, batch_size: int, seconds: float, diagnostics: Ma
     for name, gauge in _DIAGNOSTIC_GAUGES.items():
         if name in diagnostics:
             gauge.set(diagnostics[name])
+
+
+def actor_label(actor: str) -> str:
+    """A control record's actor as a bounded label."""
+    return actor if actor in ACTORS else "other"
 
 
 def set_version(version: str) -> None:

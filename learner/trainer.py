@@ -22,6 +22,10 @@ Between human batches the input loop may call `Learner.refine` (the ``refine_rou
 update on the learner's own answers alone, scored by the trusted reward model, written as a version that
 trains on no event and covers the same offsets as its parent. Iterated online RLHF (Bai et al. 2022):
 the policy keeps improving while the humans are away, within the same KL leash.
+
+Before either update the learner leaves a head the cluster refused or rolled back from (`refusals`, fed
+from thumbtune.control by learner/control.py): `step_off_refused` restores the newest version in the store
+that was not, and the update trains on from there (the input's offsets stay where they are).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import time
 
 import torch
 
-from learner.checkpoint import load_latest, save_version, trained_event_ids
+from learner.checkpoint import load_latest, restore_version, save_version, trained_event_ids
 from learner.config import LearnerSettings
+from learner.control import Refusal, Refusals, restored
 from learner.events import SkipCounter, parse_event, stale_reason, validate_event
 from learner.policy import Batch, Sample, features
 from learner.ptx import PTX_TEXT, PretrainingMix
@@ -40,7 +45,7 @@ from learner.rollout import pessimistic_reward, rollouts, scored
 from learner.update import CPU_FORWARD_TOKENS, ppo_update, row_chunks
 from thumbtune.core.base_model import LoadedBase, load_base
 from thumbtune.core.chat import end_token_ids
-from thumbtune.core.contract import FeedbackEvent
+from thumbtune.core.contract import BASE_VERSION, FeedbackEvent
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import AdapterStore, make_adapter_store
 
@@ -85,6 +90,15 @@ class Learner:
         self.skips = SkipCounter()
         self.admitted: set[str] = trained_event_ids(self.store)
         """Ids trained on (per the store) or admitted since the start: a later copy is a duplicate."""
+        latest = self.store.latest()
+        self.newest = latest or BASE_VERSION
+        """The store's newest version. Staleness counts the versions written since an event's was, which
+        after a restore (`refusals`) is more than the head's number says."""
+        self.refusals = Refusals.from_manifest(self.store.read_manifest(latest) if latest else None)
+        """Versions not to train on from (learner/control.py): the newest manifest's, and thumbtune.control's
+        once a `ControlFollower` folds it in."""
+        self._restored: Refusal | None = None
+        """The refused head the weights were restored from since the last version written."""
         self.max_length: int | None = getattr(self.base.model.config, "max_position_embeddings", None)
         self.pad_id: int = self.base.tokenizer.pad_token_id
         self.eos_ids = end_token_ids(self.base.model, self.base.tokenizer)
@@ -114,7 +128,7 @@ class Learner:
         """The events within max_staleness versions of the current weights (the rest: counted, logged)."""
         kept = []
         for event in events:
-            reason = stale_reason(event, self.version, self.learner_settings.max_staleness)
+            reason = stale_reason(event, self.newest, self.learner_settings.max_staleness)
             if reason is None:
                 kept.append(event)
             else:
@@ -125,8 +139,10 @@ class Learner:
         """One PPO update on ``events`` and one new version in the store; None if none was fresh enough.
 
         ``offsets`` ('topic:partition' -> next offset) go into the manifest unchanged, so a consumer
-        that resumes from the latest manifest neither loses nor re-trains events.
+        that resumes from the latest manifest neither loses nor re-trains events. A refused head is left
+        first (`step_off_refused`).
         """
+        self.step_off_refused()
         reward_model = self._fit_reward_model(events)  # every human rating, stale or not
         self.state.prompts.add(events)
         events = self.drop_stale(events)
@@ -143,8 +159,9 @@ class Learner:
         None (nothing written) unless the signal is 'reward_model' or 'both' and the reward model is trusted.
 
         The version trains on no event; ``offsets`` are the parent's (the input loop's last durable ones),
-        so exactly-once accounting is unchanged.
+        so exactly-once accounting is unchanged. A refused head is left first (`step_off_refused`).
         """
+        self.step_off_refused()
         if self.signal() == "direct" or not self.state.prompts:
             return None
         own, figures = self._rollouts()
@@ -179,7 +196,9 @@ class Learner:
             event_ids=[e.event_id for e in events],
             offsets=offsets,
             diagnostics=diagnostics,
+            extra=self._control_fields(),
         )
+        self.newest, self._restored = version, None
         log.info(
             "trained %s from %s on %d events and %d own answers: %s",
             version,
@@ -189,6 +208,34 @@ class Learner:
             " ".join(f"{k}={diagnostics[k]:.4g}" for k in LOGGED if k in diagnostics),
         )
         return version
+
+    def step_off_refused(self) -> None:
+        """If the head was refused (or rolled back from) on thumbtune.control, restore the newest version in
+        the store that was not (v0 at the bottom): its weights, value head, optimizer, KL controller,
+        statistics, reward model, prompts and published average, as a start-up resumes them. What the
+        refused versions trained on stays trained (the input's offsets and the manifests' event ids are
+        untouched); the next version's parent is the restored one."""
+        refusal = self.refusals.get(self.version)
+        if refusal is None:
+            return
+        for target in self.refusals.fallback(self.store.versions()):
+            try:
+                self.state = restore_version(
+                    self.policy, self.store, target, self.base, self.learner_settings
+                )
+                break
+            except (RuntimeError, OSError) as exc:  # v0, the last, needs no file
+                log.error("cannot go back to %s (%s); trying the next older version", target, exc)
+        self._restored = refusal
+        restored(refusal, self.version)
+
+    def _control_fields(self) -> dict[str, object]:
+        """The manifest's ``refused`` (every refusal known) and ``restored_from`` (the refused head this
+        version's weights were restored away from, if any)."""
+        fields: dict[str, object] = {"refused": self.refusals.summary()} if len(self.refusals) else {}
+        if self._restored is not None:
+            fields["restored_from"] = self._restored.as_dict()
+        return fields
 
     def signal(self) -> str:
         """What this update trains on: the configured signal, or 'direct' while the reward model is not

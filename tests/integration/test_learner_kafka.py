@@ -24,8 +24,12 @@ from thumbtune.cli.broker import EmbeddedBroker
 from thumbtune.cli.process import free_port
 from thumbtune.core.contract import (
     ADAPTERS_TOPIC,
+    CONTROL_TOPIC,
     LEARNER_GROUP,
     AdapterAnnouncement,
+    ControlAck,
+    ControlAction,
+    ControlRecord,
 )
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
@@ -235,3 +239,76 @@ def test_between_human_batches_the_learner_refines_on_its_own_answers_and_accoun
     assert sorted(trained) == sorted(e.event_id for e in events)  # every rating, exactly once
     announced = read_topic(bootstrap, ADAPTERS_TOPIC, expected=len(manifests))
     assert [AdapterAnnouncement.from_bytes(r.value).version for r in announced] == store.versions()
+
+
+def control_records(version: str, actor: str, reason: str, **fields: str) -> list[tuple[bytes, bytes]]:
+    """A server's refusal of ``version`` on thumbtune.control, between a receipt and a malformed record."""
+    refusal = ControlRecord(
+        record_id=f"refuse-{version}",
+        action=ControlAction.refuse,
+        version=version,
+        reason=reason,
+        actor=actor,
+        replica="server-1",
+        issued_at=time.time(),
+        **fields,
+    )
+    ack = ControlAck(record_id=None, replica="server-1", applied=True, live=version, at=time.time())
+    return [
+        (b"server-1", ack.model_dump_json().encode()),
+        (b"garbage", b"{not json"),
+        (refusal.record_id.encode(), refusal.model_dump_json().encode()),
+    ]
+
+
+def test_a_refused_head_is_left_for_the_version_before_it_live_and_after_a_restart(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The cluster refuses the learner's newest version v2 while it runs: the next version trains on from
+    v1. Then, while the learner is down, it refuses that one too (v3): the restarted learner replays the log
+    and goes back to v1 again. Every rating is trained exactly once throughout."""
+    events = make_events(tiny_model_dir, tmp_path, 32, seed=5)
+    bootstrap = settings.kafka_bootstrap_servers
+    produce(bootstrap, records_of(events[:16]))
+    loop = KafkaLearner(settings, learner_settings())
+    steps: list[str] = []
+
+    def refuse_v2_then_rate() -> bool:
+        if len(loop.versions) == 2 and not steps:
+            produce(
+                bootstrap, control_records("v2", "canary", "approval 0.31 below live's 0.52"), CONTROL_TOPIC
+            )
+            steps.append("refused")
+        elif steps == ["refused"] and "v2" in loop.learner.refusals:  # heard it: more ratings arrive
+            produce(bootstrap, records_of(events[16:24]))
+            steps.append("rated")
+        return len(loop.versions) >= 3
+
+    assert loop.run(stop_when=until(refuse_v2_then_rate, timeout=60)) == ["v1", "v2", "v3"]
+
+    reason = "KL to live 0.9 > 0.5"
+    produce(bootstrap, control_records("v3", "checks", reason, check="kl_live"), CONTROL_TOPIC)
+    produce(bootstrap, records_of(events[24:]))
+    again = KafkaLearner(settings, learner_settings())
+    assert again.run(stop_when=until(lambda: len(again.versions) >= 1, timeout=60)) == ["v4"]
+
+    store = LocalAdapterStore(settings.adapter_store_path)
+    manifests = [store.read_manifest(v) for v in store.versions()]
+    assert [m.parent for m in manifests] == ["v0", "v1", "v1", "v1"]
+    assert [m.event_count for m in manifests] == [8, 8, 8, 8]
+    trained = [i for m in manifests for i in m.event_ids]
+    assert sorted(trained) == sorted(e.event_id for e in events)  # every rating, exactly once
+    for older, newer in itertools.pairwise(manifests):  # offsets go on from the refused head's
+        assert all(newer.offsets[k] >= v for k, v in older.offsets.items())
+        assert newer.offsets != older.offsets
+    v3, v4 = manifests[2].model_extra, manifests[3].model_extra
+    assert v3["restored_from"] == {
+        "version": "v2",
+        "actor": "canary",
+        "reason": "approval 0.31 below live's 0.52",
+    }
+    assert v4["restored_from"] == {"version": "v3", "actor": "checks", "reason": f"kl_live: {reason}"}
+    assert v4["refused"] == {
+        "v2": "canary: approval 0.31 below live's 0.52",
+        "v3": f"checks: kl_live: {reason}",
+    }
