@@ -9,13 +9,11 @@ what a server believes it serves). Prompts are the held-out set: never shown to 
     kl_to_base   mean over answer tokens of KL(pi(.|s_t) || pi_base(.|s_t)), exact over the vocabulary
                  (nats per token)
     kl_per_answer  the same summed over each answer's tokens, averaged over answers (the learner's unit)
-    capability   instructions with checkable answers (benchmarks/data/capability.jsonl) answered right, greedy
+    capability   checkable instructions (thumbtune/core/data/capability.jsonl) answered right, greedy
 """
 
 from __future__ import annotations
 
-import json
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +23,9 @@ from peft import PeftModel
 
 from thumbtune.cli import rules
 from thumbtune.cli.rules import Rule
+from thumbtune.core.capability import load_capability
 from thumbtune.core.chat import encode_chat, end_token_ids, user_turn
 from thumbtune.core.divergence import exact_kl
-
-CAPABILITY = Path(__file__).parent / "data" / "capability.jsonl"
 
 
 @torch.no_grad()
@@ -42,23 +39,6 @@ def activate_version(model, base_model, directory: Path, version: str):  # noqa:
     model.set_adapter(version)
     model.eval()
     return model
-
-
-@dataclass(frozen=True)
-class CapabilityItem:
-    id: str
-    prompt: str
-    accept: tuple[str, ...]
-
-    def passes(self, answer: str) -> bool:
-        """Any accepted string appears in the answer: case-insensitive, on word boundaries."""
-        return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", answer, re.IGNORECASE) for a in self.accept)
-
-
-def load_capability() -> list[CapabilityItem]:
-    text = CAPABILITY.read_text(encoding="utf-8")
-    items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [CapabilityItem(i["id"], i["prompt"], tuple(i["accept"])) for i in items]
 
 
 @dataclass

@@ -95,8 +95,33 @@ CONTROL_DECISIONS = Counter(
     "Decisions of thumbtune.control this replica applied, by action, who took them and the outcome.",
     ["action", "actor", "outcome"],
 )
-"""action: pin, unpin, rollback, refuse; actor: admin, checks; outcome: applied, failed (the error is in the
-replica's log and in its receipt on thumbtune.control)."""
+"""action: pin, unpin, rollback, refuse, canary, promote; actor: admin, checks, canary; outcome: applied,
+ignored (a step another replica's record already took), failed (the error is in the replica's log and in
+its receipt on thumbtune.control)."""
+CANARY_DIFFERENCE = Gauge(
+    "thumbtune_canary_approval_difference",
+    "The canary's approval minus live's since the canary started: the anytime-valid interval's bounds.",
+    ["bound"],
+)
+"""bound: lower, upper (the judge rolls back at upper < 0, promotes at lower > -THUMBTUNE_CANARY_MARGIN)."""
+CANARY_RATINGS = Gauge(
+    "thumbtune_canary_ratings",
+    "Evidence on the canary since it started: ratings of its answers, of live's, and head-to-head choices.",
+    ["of"],
+)
+"""of: canary, live, head_to_head."""
+VERSION_APPROVAL = Gauge(
+    "thumbtune_version_approval_rate",
+    "Approved share of all ratings of a version's answers, from every replica's ratings (feedback topic).",
+    ["adapter_version"],
+)
+VERSION_ELO = Gauge(
+    "thumbtune_version_elo",
+    "Bradley-Terry rating of a version on the Elo scale (live = 1000) from head-to-head choices, with its "
+    "95% bootstrap interval.",
+    ["adapter_version", "bound"],
+)
+"""bound: estimate, lower, upper."""
 CONTROL_CONNECTED = Gauge(
     "thumbtune_control_connected",
     "1 while this replica follows thumbtune.control, 0 while it cannot (absent on a replica of its own).",

@@ -245,17 +245,34 @@ class AdapterVersionView(BaseModel):
 
     version: str
     state: Literal["good", "refused", "unchecked"]
+    stage: Literal["unchecked", "checked", "canary", "live", "retired", "refused"] = Field(
+        description="checked: passed its checks, not serving; canary: serves a share of users; retired: "
+        "served (live or canary) and was superseded."
+    )
     in_store: bool
     loaded: bool
     live: bool
     pinned: bool
-    ratings: int = Field(description="Ratings this process received for answers of this version.")
+    ratings: int = Field(
+        description="Ratings of this version's answers: every replica's (the feedback topic), or without a "
+        "control plane this process's own."
+    )
     approvals: int = Field(description="Of those, the ones with a positive reward.")
     approval_rate: float | None
+    approval_interval: list[float] | None = Field(
+        default=None, description="95% anytime-valid interval of the approval rate [lower, upper]."
+    )
+    elo: float | None = Field(
+        default=None, description="Bradley-Terry rating from head-to-head choices, Elo scale, live = 1000."
+    )
+    elo_interval: list[float] | None = Field(default=None, description="Its 95% bootstrap interval.")
     reason: str | None = Field(default=None, description="The check a refused version failed.")
     message: str | None = None
     kl_live: float | None = Field(default=None, description="KL(version || live) on the probe prompts.")
     kl_base: float | None = Field(default=None, description="KL(version || base) on the probe prompts.")
+    capability: int | None = Field(
+        default=None, description="Capability prompts it answered right at its check (the gate)."
+    )
     checked_at: float | None = None
 
 
@@ -288,6 +305,29 @@ class ControlView(BaseModel):
     applied: int = Field(description="Decisions this replica applied since it started (replayed ones not).")
     replicas: list[str] = Field(description="The other replicas that joined and have not left.")
     last_error: str | None
+
+
+class CanaryView(BaseModel):
+    """The canary under test, and what the judge's two anytime-valid tests say so far."""
+
+    version: str
+    since: float = Field(description="When the cluster made it the canary (unix time).")
+    share: float = Field(description="Share of users it serves (THUMBTUNE_CANARY_SHARE).")
+    ratings: int = Field(description="Ratings of its answers since then.")
+    approvals: int
+    live_ratings: int = Field(description="Ratings of the live version's answers since then.")
+    live_approvals: int
+    difference: list[float] | None = Field(
+        description="Approval canary - live: [lower, estimate, upper] of its anytime-valid interval."
+    )
+    wins: int = Field(description="Head-to-head choices the canary won against live.")
+    losses: int
+    verdict: Literal["promote", "rollback", "undecided"] | None = Field(
+        description="None until the feedback topic has been read to its end."
+    )
+    reason: str
+    expired: bool = Field(description="Undecided for longer than THUMBTUNE_CANARY_MAX_WAIT_S.")
+    waiting: str | None = Field(description="The newest checked version waiting for the canary slot.")
 
 
 class DecisionView(BaseModel):
@@ -329,6 +369,7 @@ class AdaptersView(BaseModel):
     decision: DecisionView | None = Field(
         default=None, description="In the answer of a POST: what it decided."
     )
+    canary: CanaryView | None = Field(default=None, description="The canary under test; None without one.")
 
 
 class RefuseRequest(BaseModel):

@@ -7,14 +7,20 @@ dependencies in service/dependencies.py.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from service.adapters import decisions
 from service.adapters.control import ControlPlane
 from service.adapters.follower import AdapterFollower
 from service.adapters.manager import AdapterManager
+from service.adapters.view import Tallies
+from service.canary.judge import CanaryJudge
+from service.canary.ratings import VersionRatings
+from service.canary.stream import RatingsFollower
 from service.engine.engine import Engine
 from service.engine.registry import AdapterRegistry, with_empty_adapter
 from service.publisher import FeedbackPublisher
@@ -45,8 +51,14 @@ class Runtime:
     adapter_manager: AdapterManager | None = None
     follower: AdapterFollower | None = None
     control: ControlPlane | None = None
+    tallies: Tallies | None = None
+    ratings_follower: RatingsFollower | None = None
 
     def close(self) -> None:
+        if self.tallies is not None and self.tallies.judge is not None:
+            self.tallies.judge.stop()
+        if self.ratings_follower is not None:
+            self.ratings_follower.stop()
         if self.follower is not None:
             self.follower.stop()
         if self.control is not None:
@@ -77,14 +89,27 @@ def build_runtime(settings: Settings) -> Runtime:
     if control is not None:
         control.replay(timeout=REPLAY_TIMEOUT_S)  # pinned and refused versions before anything loads
     try:
-        manager.start_up()
+        decisions.reconcile(manager, "startup", enforce_kl_live=False)  # the newest good, or the log's state
     except Exception:
         log.exception("loading the newest adapter version at start-up failed; serving %s", adapters.live)
     follower = AdapterFollower(settings, manager) if settings.adapter_follow else None
     if follower is not None:
         follower.start()
+    tallies = ratings_follower = None
     if control is not None:
         control.start()
+        tallies = Tallies(VersionRatings(), threading.Lock(), None)
+        ratings_follower = RatingsFollower(settings, tallies.ratings, tallies.lock)
+        ratings_follower.start()
+        tallies.judge = CanaryJudge(  # judges canaries (none with THUMBTUNE_CANARY_SHARE=0), exports tallies
+            settings,
+            manager,
+            tallies.ratings,
+            tallies.lock,
+            control.propose,
+            ratings_follower.caught_up.is_set,
+        )
+        tallies.judge.start()
     log.info(
         "serving %s (fingerprint %s) with adapter %s, context %d",
         base.model_id,
@@ -96,7 +121,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings,
         engine,
         adapters,
-        ServingModels(adapters, base.model_id),
+        ServingModels(adapters, base.model_id, settings.canary_compare_share),
         base.tokenizer,
         store,
         publisher,
@@ -106,4 +131,6 @@ def build_runtime(settings: Settings) -> Runtime:
         manager,
         follower,
         control,
+        tallies,
+        ratings_follower,
     )

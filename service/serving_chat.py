@@ -53,10 +53,17 @@ class Prepared:
     prompt_ids: list[int]
     messages: list[Message]
     params: SamplingParams
-    adapter: str
+    adapters: list[str]
+    """The version each answer runs on: one version, or in a mixed compare request live and the canary."""
     key_id: str | None
     model_name: str
     created: int
+
+    @property
+    def adapter(self) -> str:
+        """What the response names: the version, or 'v3+v4' for a mixed compare request (which answer came
+        from which is not shown)."""
+        return "+".join(dict.fromkeys(sorted(self.adapters)))
 
 
 def new_id() -> str:
@@ -87,7 +94,9 @@ class ChatService:
                 param=param,
                 code="max_tokens_too_large",
             )
-        adapter = self.rt.models.resolve(req.model)
+        adapters = self.rt.models.answers(
+            req.model, req.n, subject=req.user or key_id
+        )  # the canary is per user
         messages = [
             Message(role="system" if m.role == "developer" else m.role, content=m.text) for m in req.messages
         ]
@@ -112,7 +121,7 @@ class ChatService:
             prompt_ids,
             messages,
             params,
-            adapter,
+            adapters,
             key_id,
             req.model,
             int(time.time()),
@@ -133,7 +142,7 @@ class ChatService:
             def emit(event: TokenEvent, i: int = i) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
-            seqs.append(Sequence(prompt_ids=p.prompt_ids, params=params, emit=emit, adapter=p.adapter))
+            seqs.append(Sequence(prompt_ids=p.prompt_ids, params=params, emit=emit, adapter=p.adapters[i]))
         try:
             for seq in seqs:
                 self.rt.engine.submit(seq)

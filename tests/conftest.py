@@ -132,6 +132,7 @@ def settings_factory(tmp_path: Path, tiny_model_dir: Path, kafka_bootstrap: str)
             max_tokens_cap=256,
             default_max_tokens=16,
             num_threads=0,
+            canary_share=0.0,  # versions go live as announced; tests of the canary stage turn it on
         )
         values.update(overrides)
         return Settings(**values)

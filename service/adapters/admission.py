@@ -5,7 +5,10 @@
   2. one ``engine.call``: insert the LoRA modules and weights, staged (not servable yet),
   3. the KL probe: one ``engine.call`` per (probe prompt, adapter), so decode steps go on in between;
      the live version's and the base's log-probs are cached, so usually only the new rows run,
-  4. publish (``thumbtune@vN`` resolves). Making it live is the manager's call.
+  4. publish (``thumbtune@vN`` resolves),
+  5. the capability gate (service/adapters/capability.py): checkable prompts answered greedily through
+     the engine, against live's answers; a refused version is withdrawn again.
+Making it live is the manager's call.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import TypeVar
 import torch
 
 from service import metrics
+from service.adapters.capability import CapabilityGate
 from service.adapters.checks import Refused, build_probes, check_files, mean_kl, module_shapes, probe_logprobs
 from service.engine.engine import Engine
 from service.engine.registry import BASE, AdapterRegistry, UnknownAdapter
@@ -48,16 +52,20 @@ class Admission:
         self.fingerprint = base.fingerprint
         self._shapes = module_shapes(registry.model)
         self.probes = build_probes(base.tokenizer, settings.adapter_probe_prompts)
+        self.gate = (
+            CapabilityGate(settings, engine, base.tokenizer) if settings.adapter_capability_prompts else None
+        )
         self._probe_cache: dict[str, torch.Tensor] = {}
         """Probe log-probs [positions, vocab] of 'base' and of the live version (the manager's lock)."""
 
     def admit(
         self, version: str, live: str, announcement: AdapterAnnouncement | None, enforce_kl_live: bool
-    ) -> tuple[float | None, float | None] | None:
-        """Checks + load + KL probe against ``live`` and the base: leaves the version published (servable)
-        and returns (KL(new || live), KL(new || base)), None for both without probe prompts; or raises
-        `Refused`. Returns None when there was nothing to check: v0, or a version still loaded (it passed
-        before; resolving it keeps it a while longer)."""
+    ) -> tuple[float | None, float | None, int | None] | None:
+        """Checks + load + KL probe against ``live`` and the base + the capability gate: leaves the version
+        published (servable) and returns (KL(new || live), KL(new || base), capability prompts answered
+        right), None where there are no probe prompts / no gate; or raises `Refused`. Returns None when
+        there was nothing to check: v0, or a version still loaded (it passed before; resolving it keeps it
+        a while longer)."""
         if version == BASE_VERSION:
             return None  # the empty adapter, always loaded
         try:
@@ -93,7 +101,17 @@ class Admission:
             self.registry.publish(version)
         finally:
             self.registry.unstage(version)  # refused: the engine unloads it at its next step
-        return kl_live, kl_base
+        capability = None
+        if self.gate is not None:  # answered through the engine like a request, so it must be published
+            self.registry.stage(version)  # and kept loaded meanwhile (the engine collects idle versions)
+            try:
+                capability, _ = self.gate.check(version, live)
+            except Refused:
+                self.registry.withdraw(version)
+                raise
+            finally:
+                self.registry.unstage(version)
+        return kl_live, kl_base, capability
 
     def _kl(self, version: str, live: str) -> tuple[float, float]:
         """KL(new || live) and KL(new || base) on the probe prompts, mean per token.

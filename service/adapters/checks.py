@@ -30,8 +30,20 @@ from thumbtune.core.contract import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterAnno
 from thumbtune.core.divergence import exact_kl
 from thumbtune.core.store import AdapterStore
 
-REASONS = ("sha256", "fingerprint", "shape", "nonfinite", "kl_live", "kl_base", "load_error", "operator")
-"""Why a version was refused: the check it failed, or ``operator`` (POST /admin/adapters/refuse)."""
+REASONS = (
+    "sha256",
+    "fingerprint",
+    "shape",
+    "nonfinite",
+    "kl_live",
+    "kl_base",
+    "load_error",
+    "capability",
+    "operator",
+    "canary",
+)
+"""Why a version was refused: the check it failed, ``operator`` (POST /admin/adapters/refuse) or ``canary``
+(the canary judge: users liked it less than live)."""
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -35,6 +35,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from service import metrics
+from service.adapters import decisions
 from service.adapters.admission import COMMAND_TIMEOUT_S, EngineUnavailable
 from service.adapters.manager import AdapterManager, UnknownVersion, VersionConflict
 from service.protocol import ControlView, DecisionView
@@ -55,8 +56,8 @@ APPLY_ERRORS = (VersionConflict, UnknownVersion, EngineUnavailable, TimeoutError
 
 # Every decision counter starts at 0, so an alert on increase() sees the first one too.
 for _action in ControlAction:
-    for _actor in ("admin", "checks"):
-        for _outcome in ("applied", "failed"):
+    for _actor in ("admin", "checks", "canary"):
+        for _outcome in ("applied", "ignored", "failed"):
             metrics.CONTROL_DECISIONS.labels(_action.value, _actor, _outcome)
 
 
@@ -98,6 +99,7 @@ class ControlPlane:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         manager.on_refused = self._refused_by_checks
+        manager.on_candidate = self._candidate
         metrics.CONTROL_CONNECTED.labels(self.replica).set(0)
 
     # --- start-up, the thread, shutdown -----------------------------------------------------------------
@@ -166,7 +168,7 @@ class ControlPlane:
                 if not self.replayed:
                     self._read_to_end(consumer, float("inf"))
                     self.replayed = True
-                    self.manager.reconcile()
+                    decisions.reconcile(self.manager)
                 self._send(self._ack(None, True))
                 for record in self._unsent:
                     self._send(record)
@@ -213,7 +215,7 @@ class ControlPlane:
         """A record from before this replica started: remember it, load nothing."""
         record = self._parse(value, offset)
         if isinstance(record, ControlRecord):
-            self.manager.restore(record)
+            decisions.restore(self.manager, record)
         elif isinstance(record, ControlAck):
             self._heard(record)
 
@@ -226,8 +228,9 @@ class ControlPlane:
         if record is None:
             return
         error: BaseException | None = None
+        applies = True
         try:
-            self.manager.apply(record)
+            applies = decisions.apply(self.manager, record)
         except APPLY_ERRORS as exc:
             error = exc
             log.error(
@@ -235,7 +238,7 @@ class ControlPlane:
             )
         live = self.manager.live
         self.applied += 1
-        outcome = "applied" if error is None else "failed"
+        outcome = "failed" if error is not None else "applied" if applies else "ignored"
         metrics.CONTROL_DECISIONS.labels(record.action.value, record.actor, outcome).inc()
         log.info(
             "decision %s: %s %s by %s on %s (%s): %s; live %s",
@@ -291,20 +294,32 @@ class ControlPlane:
         )
 
     def _send(self, record: ControlRecord | ControlAck, wait: float = SEND_TIMEOUT_S) -> None:
+        """Append ``record``; wait up to ``wait`` s for Kafka's acknowledgement (0: do not wait)."""
         producer = self._producer
         if producer is None:
             raise ControlUnavailable(f"{CONTROL_TOPIC} is unreachable ({self.last_error})")
         key = (record.record_id or self.replica).encode()
         try:
-            producer.send(CONTROL_TOPIC, key=key, value=record.model_dump_json().encode()).get(timeout=wait)
+            future = producer.send(CONTROL_TOPIC, key=key, value=record.model_dump_json().encode())
+            if wait > 0:
+                future.get(timeout=wait)
         except KafkaError as exc:
             raise ControlUnavailable(f"could not write to {CONTROL_TOPIC}: {exc!r}") from exc
 
     def _refused_by_checks(self, version: str, reason: str, message: str) -> None:
         """This replica's checks refused ``version``: the cluster refuses it too."""
-        record = self._record(ControlAction.refuse, version, message, actor="checks", check=reason)
+        self.propose(ControlAction.refuse, version, message, actor="checks", check=reason)
+
+    def _candidate(self, version: str) -> None:
+        """A checked version newer than live: the cluster's next canary (several replicas may propose it;
+        the first record wins, the others are ignored when applied)."""
+        self.propose(ControlAction.canary, version, "passed its checks", actor="canary")
+
+    def propose(self, action: ControlAction, version: str | None, reason: str | None, **extra: str) -> None:
+        """Append a decision without waiting for it (automatic steps: checks, the canary stage)."""
+        record = self._record(action, version, reason, **extra)
         try:
-            self._send(record)
+            self._send(record, wait=0)
         except ControlUnavailable:
             self._unsent.append(record)  # sent once the thread reconnects
 
@@ -335,7 +350,7 @@ class ControlPlane:
             raise ControlUnavailable(
                 f"{CONTROL_TOPIC} is unreachable ({self.last_error}); nothing was decided, try again"
             )
-        record = self._record(action, self.manager.plan(action, version), reason)
+        record = self._record(action, decisions.plan(self.manager, action, version), reason)
         waiter = _Waiter()
         with self._cond:
             self._waiters[record.record_id] = waiter

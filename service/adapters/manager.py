@@ -17,9 +17,14 @@ Rollback goes to the newest version below the live one that passes its checks (v
 bottom) and pins it; unpin follows the newest version above the live one that passes. Refuse
 takes a version out of service for good, stepping down to the newest good version below it.
 
-The cluster's state (what is pinned, what is refused) is the control log's: `restore` folds a past
-decision in without loading anything, `reconcile` then makes what is live agree with it, and
-`apply` carries out a new decision; `plan` validates one before it goes on the log.
+Canaries (with a control plane and THUMBTUNE_CANARY_SHARE > 0): an automatic step does not make a
+new version live; it checks it and proposes it as the canary (`on_candidate`). Once the cluster has
+made it the canary (`start_canary`) it serves a share of users until the judge (or an operator)
+promotes it (`promote`) or refuses it; a newer version waits for the slot (`waiting`) unless the
+canary is past THUMBTUNE_CANARY_MAX_WAIT_S, when it takes the slot. A pin freezes the stage.
+
+The cluster's state (pinned, canary, promoted, refused) is the control log's; how each decision is
+validated, applied and replayed is service/adapters/decisions.py.
 """
 
 from __future__ import annotations
@@ -37,13 +42,7 @@ from service.adapters.checks import REASONS, Refused
 from service.engine.engine import Engine
 from service.engine.registry import AdapterRegistry
 from thumbtune.core.base_model import LoadedBase
-from thumbtune.core.contract import (
-    BASE_VERSION,
-    AdapterAnnouncement,
-    ControlAction,
-    ControlRecord,
-    version_number,
-)
+from thumbtune.core.contract import BASE_VERSION, AdapterAnnouncement, version_number
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import AdapterStore, make_adapter_store
 
@@ -71,6 +70,8 @@ class VersionStatus:
     retry: bool = False
     kl_live: float | None = None
     kl_base: float | None = None
+    capability: int | None = None
+    """Capability prompts it answered right (the gate)."""
     checked_at: float | None = None
 
 
@@ -95,17 +96,40 @@ class AdapterManager:
         self.on_refused: Callable[[str, str, str], None] | None = None
         """Called with (version, reason, message) when a check refuses a version for good (the control
         plane tells the cluster)."""
+        self.on_candidate: Callable[[str], None] | None = None
+        """With canaries on, called with a checked version newer than live (the control plane proposes it
+        as the canary: service/adapters/decisions.py)."""
+        self.canary_since: float | None = None
+        """When the cluster made the canary the canary (its record's time: the same on every replica)."""
+        self.waiting: str | None = None
+        """The newest checked version waiting for the canary slot."""
+        self.proposed: str | None = None
+        """The newest version this replica proposed as the canary (it proposes each once)."""
+        self.promoted: str | None = None
+        """The version the control log last promoted (what is live, with canaries, unless pinned)."""
+        self.stepped_down_from: str | None = None
+        """The promoted version that was refused since (live stepped down from it)."""
+        self.canary_history = False
+        """The log has made a canary: from then on only promotions make versions live."""
+        self.restored_canary: tuple[str, float] | None = None
+        """The canary the replayed log left, loaded by `decisions.reconcile`."""
+        self.retired: set[str] = set()
+        """Versions that served (live or canary) and were superseded."""
 
     @property
     def live(self) -> str:
         return self.registry.live
 
-    # --- triggers ---------------------------------------------------------------------------------------
+    @property
+    def canary(self) -> str | None:
+        return self.registry.canary
 
-    def start_up(self) -> str:
-        """Make the newest version in the store that passes its checks live (older ones are tried in turn),
-        or the pinned one when the control log (`restore`) pinned one."""
-        return self.reconcile("startup", enforce_kl_live=False)
+    @property
+    def canaries(self) -> bool:
+        """New versions go through the canary stage (a control plane, and a share of traffic for it)."""
+        return self.on_candidate is not None and self.settings.canary_share > 0
+
+    # --- triggers ---------------------------------------------------------------------------------------
 
     def catch_up(self) -> str:
         """Go to the newest good version above the live one unless pinned (the follower calls this whenever
@@ -133,10 +157,12 @@ class AdapterManager:
                     self.pinned,
                 )
                 return
-            if number <= version_number(self.live):
-                log.info("%s announced but %s is live and newer: ignored", version, self.live)
+            if number <= version_number(self.live) or number <= version_number(self.canary or BASE_VERSION):
+                log.info(
+                    "%s announced but %s is live and %s the canary: ignored", version, self.live, self.canary
+                )
                 return
-            if self._try(version, "announcement", announcement=announcement, enforce_kl_live=True):
+            if self._offer(version, "announcement", enforce_kl_live=True, announcement=announcement):
                 metrics.ADAPTER_SWAP_LATENCY.observe(time.monotonic() - received_at)
 
     def pin(self, version: str) -> str:
@@ -151,10 +177,54 @@ class AdapterManager:
             return self._pin(version, "pin")
 
     def unpin(self) -> str:
-        """Follow the newest good version again; returns the live version."""
+        """Follow the newest good version again (with canaries: through the canary); returns the live one."""
         with self._lock:
             self.pinned = None
             return self._follow_newest("unpin", enforce_kl_live=False)
+
+    def start_canary(self, version: str, since: float) -> None:
+        """``version`` (newer than live) serves the canary share of users from now on, replacing a canary."""
+        with self._lock:
+            if self._refused(version) or not self._check(version, enforce_kl_live=False):
+                known = self.status[version]
+                raise VersionConflict(f"{version} is refused here ({known.reason}: {known.message})")
+            if self.canary not in (None, version):
+                self.retired.add(self.canary)
+            self.registry.set_canary(version, self.settings.canary_share)
+            self.canary_since, self.canary_history = since, True
+            if self.waiting is not None and version_number(self.waiting) <= version_number(version):
+                self.waiting = None
+            metrics.ADAPTER_SWAPS.labels("canary").inc()
+            log.info(
+                "adapter %s is the canary for %.0f%% of users", version, 100 * self.settings.canary_share
+            )
+
+    def promote(self, version: str) -> str:
+        """The canary ``version`` goes live; the next waiting version, if any, is proposed as the canary."""
+        with self._lock:
+            previous = self.live
+            if not self._try(version, "promote", enforce_kl_live=False):
+                known = self.status[version]
+                raise VersionConflict(f"{version} failed its checks here ({known.reason}: {known.message})")
+            self.promoted, self.stepped_down_from = version, None
+            self.retired.add(previous)
+            self._end_canary()
+            return self.live
+
+    def _end_canary(self) -> None:
+        """No canary any more; the newest version that waited for the slot is proposed (with canaries)."""
+        self.registry.set_canary(None)
+        self.canary_since = None
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None and self.canaries and self.pinned is None and not self._refused(waiting):
+            if version_number(waiting) > version_number(self.live):
+                self.proposed = waiting
+                self.on_candidate(waiting)  # type: ignore[misc]
+
+    def canary_expired(self) -> bool:
+        """The canary has been undecided for longer than THUMBTUNE_CANARY_MAX_WAIT_S."""
+        since = self.canary_since
+        return since is not None and time.time() - since > self.settings.canary_max_wait_s
 
     def rollback(self) -> str:
         """Back to the newest good version below the live one, pinned; returns it."""
@@ -177,108 +247,77 @@ class AdapterManager:
         with self._lock:
             if version == BASE_VERSION:
                 raise VersionConflict(f"{BASE_VERSION} is the base model itself; it cannot be refused")
+            was_canary = self.canary == version
             if not self._refused(version):
                 self.status[version] = VersionStatus("refused", reason, message, checked_at=time.time())
                 metrics.ADAPTER_REFUSED.labels(reason).inc()
                 log.warning("adapter %s refused (%s): %s", version, reason, message)
             if self.pinned == version:
                 self.pinned = None
+            if self.promoted == version:
+                self.promoted, self.stepped_down_from = None, version
             if self.live == version:
                 below = self._newest_good_below(version) or BASE_VERSION
                 self._try(below, "refuse", enforce_kl_live=False)
             if self.live != version:
                 self.registry.withdraw(version)
+            if was_canary:
+                self._end_canary()
             return self.live
-
-    # --- the cluster's decisions (service/adapters/control.py applies them in the log's order) -------------
-
-    def plan(self, action: ControlAction, version: str | None) -> str | None:
-        """Validate a decision before it goes on the log; returns the version the record names (rollback:
-        its target, resolved here so every replica goes to the same one). UnknownVersion / VersionConflict."""
-        with self._lock:
-            if action is ControlAction.rollback:
-                return self.rollback_target()
-            if action is ControlAction.unpin:
-                return None
-            assert version is not None
-            self._require_known(version)
-            if version == BASE_VERSION and action is ControlAction.refuse:
-                raise VersionConflict(f"{BASE_VERSION} is the base model itself; it cannot be refused")
-            if self._refused(version) and action is ControlAction.pin:
-                known = self.status[version]
-                raise VersionConflict(
-                    f"{version} was refused ({known.reason}: {known.message}); it cannot be pinned"
-                )
-            return version
-
-    def apply(self, record: ControlRecord) -> str:
-        """Carry out a decision now (loading what it needs); returns the live version. Raises like the
-        admin actions do when this replica cannot (VersionConflict, UnknownVersion, EngineUnavailable)."""
-        with self._lock:
-            if record.action is ControlAction.unpin:
-                return self.unpin()
-            assert record.version is not None
-            if record.action is ControlAction.refuse:
-                return self.refuse(record.version, record.reason or "", record.check or "operator")
-            if record.action is ControlAction.pin:
-                return self.pin(record.version)
-            if self._refused(record.version):
-                raise VersionConflict(f"{record.version} is refused here; cannot roll back to it")
-            return self._pin(record.version, "rollback")
-
-    def restore(self, record: ControlRecord) -> None:
-        """Fold a past decision into the state without loading anything (`reconcile` then does)."""
-        with self._lock:
-            if record.action is ControlAction.unpin:
-                self.pinned = None
-            elif record.action is ControlAction.refuse:
-                assert record.version is not None
-                reason = record.check or "operator"
-                self.status[record.version] = VersionStatus(
-                    "refused", reason, record.reason or "", checked_at=record.issued_at
-                )
-                if self.pinned == record.version:
-                    self.pinned = None
-            else:
-                self.pinned = record.version
-
-    def reconcile(self, trigger: str = "reconcile", enforce_kl_live: bool = True) -> str:
-        """Make what is live agree with the state: the pinned version if any, never a refused one, else
-        the newest good version. Returns the live version."""
-        with self._lock:
-            if self.pinned is not None:
-                if self.live == self.pinned:
-                    return self.live
-                if not self._refused(self.pinned) and self._try(self.pinned, trigger, enforce_kl_live=False):
-                    return self.live
-                log.error(
-                    "the pinned version %s cannot go live on this replica; following the newest", self.pinned
-                )
-                self.pinned = None
-            if self._refused(self.live):
-                self._try(self._newest_good_below(self.live) or BASE_VERSION, trigger, enforce_kl_live=False)
-            return self._follow_newest(trigger, enforce_kl_live=enforce_kl_live)
 
     # --- checking and swapping ------------------------------------------------------------------------------
 
-    def _follow_newest(self, trigger: str, enforce_kl_live: bool) -> str:
+    def _follow_newest(self, trigger: str, enforce_kl_live: bool, through_canary: bool = True) -> str:
+        """The newest good version above what serves goes live, or with canaries is offered as the canary."""
         with self._lock:
-            live_number = version_number(self.live)
+            floor = max(version_number(self.live), version_number(self.canary or BASE_VERSION))
             for version in reversed(self.store.versions()):
-                if version_number(version) <= live_number:
+                if version_number(version) <= floor:
                     break
                 if self._refused(version):
                     continue
-                if self._try(version, trigger, enforce_kl_live=enforce_kl_live):
+                if self._offer(
+                    version, trigger, enforce_kl_live=enforce_kl_live, through_canary=through_canary
+                ):
                     break
             return self.live
 
     def _pin(self, version: str, trigger: str) -> str:
+        """Make ``version`` live and pinned; a pin freezes the canary stage (the canary, if any, retires)."""
         if not self._try(version, trigger, enforce_kl_live=False):
             refused = self.status[version]
             raise VersionConflict(f"{version} failed its checks ({refused.reason}: {refused.message})")
         self.pinned = version
+        if self.canary is not None:
+            self.retired.add(self.canary)
+            self.registry.set_canary(None)
+            self.canary_since = None
         return version
+
+    def _offer(
+        self,
+        version: str,
+        trigger: str,
+        *,
+        enforce_kl_live: bool,
+        announcement: AdapterAnnouncement | None = None,
+        through_canary: bool = True,
+    ) -> bool:
+        """An automatic step found ``version`` newer than what serves. Without canaries it goes live now;
+        with them it is checked and proposed as the canary, or waits for the slot while a canary is under
+        test and not yet past THUMBTUNE_CANARY_MAX_WAIT_S. True if it passed its checks."""
+        if not (self.canaries and through_canary):
+            return self._try(version, trigger, enforce_kl_live=enforce_kl_live, announcement=announcement)
+        if not self._check(version, enforce_kl_live=enforce_kl_live, announcement=announcement):
+            return False
+        if self.proposed is not None and version_number(version) <= version_number(self.proposed):
+            return True  # proposed already (a repeated announcement, a catch-up)
+        if self.canary is None or self.canary_expired():
+            self.proposed = version
+            self.on_candidate(version)  # type: ignore[misc]
+        elif self.waiting is None or version_number(version) > version_number(self.waiting):
+            self.waiting = version
+        return True
 
     def _newest_good_below(self, version: str) -> str | None:
         """The newest version below ``version`` that passes its checks (v0 at the bottom), loaded."""
@@ -312,9 +351,9 @@ class AdapterManager:
                 self.on_refused(version, refusal.reason, refusal.message)
             return False
         if probed is not None:  # newly checked (not v0, not still loaded from an earlier check)
-            kl_live, kl_base = probed
+            kl_live, kl_base, capability = probed
             self.status[version] = VersionStatus(
-                "good", kl_live=kl_live, kl_base=kl_base, checked_at=time.time()
+                "good", kl_live=kl_live, kl_base=kl_base, capability=capability, checked_at=time.time()
             )
         return True
 

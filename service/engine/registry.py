@@ -63,6 +63,9 @@ class AdapterRegistry:
         self.live = live
         self.loaded: list[str] = [live]
         """Servable versions, in the order they were published."""
+        self.canary: str | None = None
+        """The version a share of users gets instead of the live one (`service/canary/assignment.py`)."""
+        self.canary_share = 0.0
         self._staged: set[str] = set()
         self._resolved_at: dict[str, float] = {}
         metrics.ACTIVE_ADAPTER.labels(live).set(1)
@@ -118,6 +121,11 @@ class AdapterRegistry:
             raise
         self.model.eval()
 
+    def stage(self, version: str) -> None:
+        """Keep a loaded version loaded while a check runs on it (collect leaves staged versions alone)."""
+        with self._lock:
+            self._staged.add(version)
+
     def unstage(self, version: str) -> None:
         """A staged version's checks are over: collect may unload it unless it was published."""
         with self._lock:
@@ -132,6 +140,15 @@ class AdapterRegistry:
                 self.loaded.append(version)
             self._staged.discard(version)
 
+    def set_canary(self, version: str | None, share: float = 0.0) -> None:
+        """Serve ``version`` (published) to ``share`` of the users, or no canary (None)."""
+        with self._lock:
+            if version is not None and version not in self.loaded:
+                raise UnknownAdapter(version)
+            if self.canary is not None:
+                self._resolved_at[self.canary] = time.monotonic()
+            self.canary, self.canary_share = version, share if version is not None else 0.0
+
     def withdraw(self, version: str) -> None:
         """A refused version is no longer servable by name; running sequences finish, collect unloads it."""
         with self._lock:
@@ -140,6 +157,8 @@ class AdapterRegistry:
             if version in self.loaded:
                 self.loaded.remove(version)
             self._resolved_at.pop(version, None)
+            if self.canary == version:
+                self.canary, self.canary_share = None, 0.0
 
     def set_live(self, version: str) -> str:
         """Make a published version live; returns the previous live version."""
@@ -155,14 +174,14 @@ class AdapterRegistry:
     def retiring(self) -> bool:
         """True while some version waits to be unloaded (the idle engine then wakes up to collect)."""
         with self._lock:
-            keep = {self.live, BASE_VERSION} | self._staged
+            keep = {self.live, BASE_VERSION, self.canary} | self._staged
             return any(v not in keep for v in self.present())
 
     def collect(self, in_use: set[str]) -> list[str]:
         """Unload versions nobody needs any more (engine thread, between steps); returns their names."""
         now = time.monotonic()
         with self._lock:
-            keep = {self.live, BASE_VERSION} | self._staged | in_use
+            keep = {self.live, BASE_VERSION, self.canary} | self._staged | in_use
             keep |= {v for v, at in self._resolved_at.items() if now - at < RESOLVE_GRACE_S}
             retired = [v for v in self.present() if v not in keep]
             for version in retired:

@@ -5,6 +5,7 @@ POST /admin/adapters/pin       {"version": "v7"}: make v7 live and stay on it
 POST /admin/adapters/unpin     follow the newest good version again
 POST /admin/adapters/rollback  back to the newest good version below the live one, pinned
 POST /admin/adapters/refuse    {"version": "v7", "reason": "..."}: v7 never serves again
+POST /admin/adapters/promote   the canary goes live now, whatever the judge says
 
 With a control plane (THUMBTUNE_ADAPTER_FOLLOW, the default) each POST is a decision on
 thumbtune.control that every replica applies: it answers once this replica has applied it, with
@@ -17,8 +18,11 @@ version, or nothing to roll back to, is 409.
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends
 
+from service.adapters import decisions
 from service.adapters.admission import EngineUnavailable
 from service.adapters.control import ControlUnavailable
 from service.adapters.manager import AdapterManager, UnknownVersion, VersionConflict
@@ -39,6 +43,7 @@ def _view(rt: Runtime, manager: AdapterManager, decision: DecisionView | None = 
         follower=rt.follower.state() if rt.follower is not None else None,
         control=rt.control.state() if rt.control is not None else None,
         decision=decision,
+        tallies=rt.tallies,
     )
 
 
@@ -57,13 +62,13 @@ def _act(
             local = ControlRecord(
                 record_id="local",
                 action=action,
-                version=manager.plan(action, version),
+                version=decisions.plan(manager, action, version),
                 reason=reason,
                 actor="admin",
                 replica="local",
-                issued_at=0.0,
+                issued_at=time.time(),
             )
-            manager.apply(local)
+            decisions.apply(manager, local)
     except UnknownVersion as exc:
         raise APIError(404, str(exc), param="version", code="version_not_found") from exc
     except VersionConflict as exc:
@@ -105,6 +110,13 @@ def rollback(
     rt: Runtime = Depends(get_runtime), manager: AdapterManager = Depends(get_adapter_manager)
 ) -> AdaptersView:
     return _act(rt, manager, ControlAction.rollback)
+
+
+@router.post("/adapters/promote", response_model=AdaptersView)
+def promote(
+    rt: Runtime = Depends(get_runtime), manager: AdapterManager = Depends(get_adapter_manager)
+) -> AdaptersView:
+    return _act(rt, manager, ControlAction.promote, reason="promoted by an operator")
 
 
 @router.post("/adapters/refuse", response_model=AdaptersView)

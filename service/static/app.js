@@ -8,6 +8,7 @@
   const ADAPTER_HEADER = "x-thumbtune-adapter-version";
   const KEY_STORE = "thumbtune.apiKey";
   const SETTINGS_STORE = "thumbtune.sampling";
+  const BROWSER_STORE = "thumbtune.browserId";
   // What a user of a small chat model wants by default: varied but on topic, and short enough to read
   // (SmolLM2-135M at the server's own defaults, T = 1 and 256 tokens, rambles for ~13 s per answer).
   const DEFAULTS = { temperature: 0.7, top_p: 0.9, max_tokens: 128 };
@@ -81,6 +82,21 @@
       return localStorage.getItem(KEY_STORE) || "";
     } catch {
       return "";
+    }
+  }
+
+  // The request's `user`: this browser's id, kept across visits, so a canary version serves this browser
+  // consistently (the server assigns canaries per user, then per API key).
+  function browserId() {
+    try {
+      let id = localStorage.getItem(BROWSER_STORE);
+      if (!id) {
+        id = `browser-${crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2)}`;
+        localStorage.setItem(BROWSER_STORE, id);
+      }
+      return id;
+    } catch {
+      return undefined;
     }
   }
 
@@ -442,7 +458,7 @@
     controller = new AbortController();
     const mine = controller;
     try {
-      const body = { model: "thumbtune", messages, stream: true, n, ...sampling() };
+      const body = { model: "thumbtune", messages, stream: true, n, user: browserId(), ...sampling() };
       const resp = await post(CHAT_URL, body, mine.signal);
       const adapter = resp.headers.get(ADAPTER_HEADER);
       await readStream(resp, (choice) => {

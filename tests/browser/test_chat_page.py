@@ -152,6 +152,13 @@ def test_api_key_is_asked_for_kept_in_local_storage_and_used(
     broker,
 ) -> None:
     server = live_server_factory(api_keys="page-key")
+    users: list[str] = []  # the `user` of every chat request: this browser's id (canaries are per user)
+
+    def record_user(request) -> None:  # noqa: ANN001
+        if request.url.endswith("/v1/chat/completions"):
+            users.append(json.loads(request.post_data)["user"])
+
+    page.on("request", record_user)
     open_page(page, server)
     page.get_by_label("Message", exact=True).fill("Hello?")
     page.get_by_role("button", name="Send").click()
@@ -178,6 +185,7 @@ def test_api_key_is_asked_for_kept_in_local_storage_and_used(
     rid = answer.get_attribute("data-response-id")
     ev = feedback_events(server.runtime.publisher, broker.bootstrap, {rid}, 1)[rid]
     assert ev.reward == -1.0 and ev.value == "down" and ev.api_key_id is not None
+    assert len(users) >= 3 and len(set(users)) == 1 and users[0].startswith("browser-"), users  # and reloads
 
 
 def test_errors_are_shown_inline_in_plain_words(page: Page, live_server_factory) -> None:

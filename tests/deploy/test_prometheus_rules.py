@@ -121,6 +121,10 @@ def test_dashboard_shows_the_loop_at_a_glance() -> None:
         "lag": "thumbtune_learner_consumer_lag",
         "swaps": "thumbtune_adapter_swaps_total",
         "refusals": "thumbtune_adapter_refused_total",
+        "the canary's test": "thumbtune_canary_approval_difference",
+        "approval per version, every replica's": "thumbtune_version_approval_rate",
+        "Elo per version": "thumbtune_version_elo",
+        "control decisions": "thumbtune_control_decisions_total",
     }
     assert [what for what, metric in wanted.items() if metric not in text] == []
     assert "histogram_quantile(0.5," in text and "histogram_quantile(0.99," in text

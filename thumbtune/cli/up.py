@@ -32,6 +32,12 @@ def _child(name: str, *command: str, env: dict[str, str]) -> ChildProcess:
     return ChildProcess(name, [sys.executable, "-m", "thumbtune.cli", *command], env=env, on_line=echo)
 
 
+def canaries(share: str) -> str:
+    if float(share) == 0:
+        return "off: new versions go live at once (THUMBTUNE_CANARY_SHARE=0.1 tries them on 10% of users)"
+    return f"{float(share):.0%} of users get each new version until it is promoted or refused"
+
+
 def up(settings: Settings) -> int:
     """Run until a signal or a child's death; returns the exit code."""
     learner_settings = LearnerSettings()
@@ -39,6 +45,8 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if "THUMBTUNE_CANARY_SHARE" not in env:  # one replica tried by one person: a canary would never be judged
+        env["THUMBTUNE_CANARY_SHARE"] = "0"
     local_bootstrap = f"{settings.broker_host}:{settings.broker_port}"
     embedded = settings.kafka_bootstrap_servers in (local_bootstrap, f"localhost:{settings.broker_port}")
     children: list[ChildProcess] = []
@@ -69,6 +77,7 @@ def up(settings: Settings) -> int:
             f"[up]   Metrics:   {base}/metrics (server), {learner_metrics} (learner)\n"
             f"[up]   Adapters:  {settings.adapter_store_path}\n"
             f"[up]   Kafka:     {settings.kafka_bootstrap_servers}\n"
+            f"[up]   Canaries:  {canaries(env['THUMBTUNE_CANARY_SHARE'])}\n"
             f"[up] Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -244,7 +244,13 @@ class ControlAction(str, Enum):
     call, so every replica goes to the same one)."""
     refuse = "refuse"
     """``version`` never serves again (``reason``); where it is live, serving steps down to the newest good
-    version below it. Sent by operators and by a replica whose admission checks refused the version."""
+    version below it. Sent by operators, by a replica whose admission checks refused the version, and by the
+    canary judge when a canary is worse than live (``reason``: the test's figures)."""
+    canary = "canary"
+    """``version``, newer than live and past its checks, answers a share of the traffic beside live until
+    it is promoted or refused; it replaces an earlier canary."""
+    promote = "promote"
+    """The canary ``version`` becomes live (``reason``: the test's figures)."""
 
 
 class ControlRecord(BaseModel):
@@ -270,7 +276,10 @@ class ControlRecord(BaseModel):
     check: str | None = Field(
         default=None, description="For a refusal by actor 'checks': the check it failed."
     )
-    actor: str = Field(description="Who decided: 'admin', or 'checks' for an admission check's refusal.")
+    actor: str = Field(
+        description="Who decided: 'admin' (an operator), 'checks' (a replica's admission checks refused it) "
+        "or 'canary' (the canary stage: a new candidate, or the judge's promotion or refusal)."
+    )
     replica: str = Field(description="The replica that published the record.")
     issued_at: float
 

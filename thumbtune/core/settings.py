@@ -86,6 +86,40 @@ class Settings(BaseSettings):
         le=60,
         description="How long an admin call waits for the other replicas to confirm its decision.",
     )
+    canary_share: float = Field(
+        0.1,
+        ge=0,
+        le=0.5,
+        description="Share of users a new version serves as the canary before it may go live (per user, "
+        "sticky); 0 = no canaries: a version that passes its checks goes live at once.",
+    )
+    canary_compare_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="While there is a canary, the share of compare requests (n >= 2) whose answers come half "
+        "from live, half from the canary, in random order: the user's choice compares the two versions.",
+    )
+    canary_alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Error probability of the canary's anytime-valid tests (a good canary rolled back, or a "
+        "worse one promoted, ever).",
+    )
+    canary_margin: float = Field(
+        0.05,
+        ge=0,
+        le=0.5,
+        description="Promote a canary once it is surely no worse than live by more than this (approval "
+        "points; head-to-head: win rate below 1/2).",
+    )
+    canary_max_wait_s: float = Field(
+        1800.0,
+        gt=0,
+        description="A canary still undecided after this long says so, and a newer checked version may "
+        "replace it.",
+    )
     adapter_max_kl_live: float = Field(
         0.5,
         ge=0,
@@ -97,6 +131,22 @@ class Settings(BaseSettings):
         ge=0,
         description="Refuse a version whose KL(new || base) on the probe prompts exceeds this "
         "(nats per token, mean over probe positions).",
+    )
+    adapter_capability_prompts: int = Field(
+        12,
+        ge=0,
+        le=30,
+        description="Checkable prompts (thumbtune/core/data/capability.jsonl, the first N) a new version "
+        "answers greedily beside live before it may serve; 0 = no capability gate.",
+    )
+    adapter_capability_max_tokens: int = Field(
+        32, ge=1, le=256, description="Tokens each capability answer may take."
+    )
+    adapter_capability_max_losses: int = Field(
+        2,
+        ge=0,
+        description="Refuse a new version that gets more than this many capability prompts wrong that live "
+        "gets right.",
     )
     adapter_probe_prompts: int = Field(
         4,
