@@ -6,8 +6,9 @@
   3. the KL probe: one ``engine.call`` per (probe prompt, adapter), so decode steps go on in between;
      the live version's and the base's log-probs are cached, so usually only the new rows run,
   4. publish (``thumbtune@vN`` resolves),
-  5. the capability gate (service/adapters/capability.py): checkable prompts answered greedily through
-     the engine, against live's answers; a refused version is withdrawn again.
+  5. the capability gate (service/adapters/capability.py; automatic steps only, like KL(new || live)):
+     checkable prompts answered greedily through the engine, against live's answers; a refused
+     version is withdrawn again.
 Making it live is the manager's call.
 """
 
@@ -102,15 +103,16 @@ class Admission:
         finally:
             self.registry.unstage(version)  # refused: the engine unloads it at its next step
         capability = None
-        if self.gate is not None:  # answered through the engine like a request, so it must be published
-            self.registry.stage(version)  # and kept loaded meanwhile (the engine collects idle versions)
-            try:
+        if self.gate is not None and enforce_kl_live:  # automatic steps, like KL(new || live): an operator's
+            # pin or rollback, and start-up, are moves away from live on purpose. Answered through the engine
+            # like a request, so it must be published
+            self.registry.stage(version)  # kept loaded (the engine collects idle versions) until the manager
+            try:  # has made it live or the canary and unstages it
                 capability, _ = self.gate.check(version, live)
             except Refused:
+                self.registry.unstage(version)
                 self.registry.withdraw(version)
                 raise
-            finally:
-                self.registry.unstage(version)
         return kl_live, kl_base, capability
 
     def _kl(self, version: str, live: str) -> tuple[float, float]:

@@ -23,6 +23,8 @@ from thumbtune.core.contract import SamplingParams
 from thumbtune.core.settings import Settings
 
 ANSWER_TIMEOUT_S = 120.0
+IN_FLIGHT = 2
+"""Capability sequences in the engine at once."""
 
 
 class CapabilityGate:
@@ -58,28 +60,31 @@ class CapabilityGate:
         return self._right[version]
 
     def _answers(self, version: str) -> list[str]:
-        done = threading.Semaphore(0)
+        """Greedy answers, at most IN_FLIGHT at a time: each new sequence's prefill shares an engine step
+        with users' decoding, so a burst of them would stall users' streams."""
         params = SamplingParams(
             temperature=0.0, top_p=1.0, max_tokens=self.settings.adapter_capability_max_tokens
         )
-        seqs: list[Sequence] = []
+        free = threading.Semaphore(IN_FLIGHT)
         errors: list[str] = []
 
         def emit(event: TokenEvent) -> None:
             if event.finish_reason is not None:
                 if event.error:
                     errors.append(event.error)
-                done.release()
+                free.release()
 
-        for prompt in self._prompts:
+        seqs: list[Sequence] = []
+        for prompt in [*self._prompts, *[None] * IN_FLIGHT]:
+            if not free.acquire(timeout=ANSWER_TIMEOUT_S):
+                raise Refused("load_error", f"the capability probe of {version} did not finish in time")
+            if prompt is None:
+                continue  # draining: the last ones have finished once all IN_FLIGHT slots are back
             seqs.append(Sequence(prompt_ids=prompt, params=params, emit=emit, adapter=version))
             try:
                 self.engine.submit(seqs[-1])
             except RuntimeError as exc:  # the engine is stopping: try the version again later
                 raise Refused("load_error", f"the capability probe could not run: {exc}", retry=True) from exc
-        for _ in seqs:
-            if not done.acquire(timeout=ANSWER_TIMEOUT_S):
-                raise Refused("load_error", f"the capability probe of {version} did not finish in time")
         if errors:
             raise Refused("load_error", f"the capability probe of {version} failed: {errors[0]}")
         return [seq.text for seq in seqs]

@@ -191,6 +191,7 @@ class AdapterManager:
             if self.canary not in (None, version):
                 self.retired.add(self.canary)
             self.registry.set_canary(version, self.settings.canary_share)
+            self.registry.unstage(version)
             self.canary_since, self.canary_history = since, True
             if self.waiting is not None and version_number(self.waiting) <= version_number(version):
                 self.waiting = None
@@ -310,6 +311,7 @@ class AdapterManager:
             return self._try(version, trigger, enforce_kl_live=enforce_kl_live, announcement=announcement)
         if not self._check(version, enforce_kl_live=enforce_kl_live, announcement=announcement):
             return False
+        self.registry.unstage(version)  # start_canary admits it again (at once, if it is still loaded)
         if self.proposed is not None and version_number(version) <= version_number(self.proposed):
             return True  # proposed already (a repeated announcement, a catch-up)
         if self.canary is None or self.canary_expired():
@@ -325,6 +327,7 @@ class AdapterManager:
         older = [v for v in reversed(self.store.versions()) if version_number(v) < number]
         for candidate in [*older, BASE_VERSION] if number > 0 else []:
             if not self._refused(candidate) and self._check(candidate, enforce_kl_live=False):
+                self.registry.unstage(candidate)  # the caller makes it live (admitting it again if unloaded)
                 return candidate
         return None
 
@@ -370,6 +373,7 @@ class AdapterManager:
         if not self._check(version, enforce_kl_live=enforce_kl_live, announcement=announcement):
             return False
         previous = self.registry.set_live(version)
+        self.registry.unstage(version)  # admission kept it loaded until now
         self.admission.forget(self.live)
         if previous != version:
             metrics.ADAPTER_SWAPS.labels(trigger).inc()

@@ -19,7 +19,7 @@ from tests.support import wait_for
 from tests.support.adapters import VersionWriter
 from tests.support.kafka import read_topic
 from thumbtune.cli.broker import EmbeddedBroker
-from thumbtune.core.contract import CONTROL_TOPIC, ControlRecord, parse_control
+from thumbtune.core.contract import CONTROL_TOPIC, FEEDBACK_TOPIC, ControlRecord, parse_control
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
 
@@ -180,7 +180,13 @@ def test_a_canary_serves_a_sticky_share_and_users_ratings_roll_it_back_or_promot
     assert body["canary"] is None
     stages = {row["version"]: row["stage"] for row in body["versions"]}
     assert stages == {"v0": "checked", "v1": "retired", "v2": "refused", "v3": "live"}
-    approval = {row["version"]: row for row in body["versions"]}
+
+    def folded() -> dict | None:  # every rating on the topic is in the tallies
+        rows = {row["version"]: row for row in adapters(client)["versions"]}
+        sent = len(read_topic(kafka.bootstrap, FEEDBACK_TOPIC, None))
+        return rows if sum(r["ratings"] for r in rows.values()) == sent else None
+
+    approval = wait_for(folded, what="the tallies caught up with the feedback topic")
     assert approval["v1"]["ratings"] > 0 and approval["v1"]["approval_interval"] is not None
 
     # the decisions are on the log, by the canary stage; a restarted replica comes up where they left it

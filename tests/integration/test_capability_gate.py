@@ -1,14 +1,17 @@
 """The capability gate refuses a version that loses checkable answers live gets right, and admits one that
-keeps them (the KL bounds are opened wide here, so only the gate can refuse)."""
+keeps them (the KL bounds are opened wide here, so only the gate can refuse). The gate applies to automatic
+steps (announcements), as KL(new || live) does; an operator's pin overrides both."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
-from thumbtune.core.capability import CapabilityItem
 
+from learner.announce import announcement_for
 from tests.support.adapters import VersionWriter
+from thumbtune.core.capability import CapabilityItem
 from thumbtune.core.store import LocalAdapterStore
 
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("single_thread")]
@@ -44,14 +47,15 @@ def test_a_version_that_loses_what_live_answers_right_is_refused(
     writer = VersionWriter(tiny_model_dir)
     writer.write(store, 2.0, seed=1)  # v1: far from the base, answers differently
     writer.write(store, 0.0, seed=2)  # v2: LoRA B = 0, the base itself
-    response = client.post("/admin/adapters/pin", headers=ADMIN, json={"version": "v1"})
-    assert response.status_code == 409, response.text
+    manager = client.app.state.runtime.adapter_manager
+    manager.on_announcement(announcement_for(store, "v1"), time.monotonic())  # an automatic step: gated
     refusal = client.get("/admin/adapters", headers=ADMIN).json()["refused"]["v1"]
     assert refusal["reason"] == "capability", refusal
     assert "THUMBTUNE_ADAPTER_CAPABILITY_MAX_LOSSES = 1" in refusal["message"]
     assert "of 6 checkable prompts right, live v0 6" in refusal["message"]
 
-    body = client.post("/admin/adapters/pin", headers=ADMIN, json={"version": "v2"}).json()
+    manager.on_announcement(announcement_for(store, "v2"), time.monotonic())
+    body = client.get("/admin/adapters", headers=ADMIN).json()
     assert body["live"] == "v2"
     row = next(r for r in body["versions"] if r["version"] == "v2")
     assert row["capability"] == 6 and row["state"] == "good"
