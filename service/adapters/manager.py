@@ -103,18 +103,14 @@ class AdapterManager:
         """When the cluster made the canary the canary (its record's time: the same on every replica)."""
         self.waiting: str | None = None
         """The newest checked version waiting for the canary slot."""
-        self.proposed: str | None = None
-        """The newest version this replica proposed as the canary (it proposes each once)."""
+        self.proposed: str | None = None  # the newest version this replica proposed as canary (once each)
         self.promoted: str | None = None
         """The version the control log last promoted (what is live, with canaries, unless pinned)."""
-        self.stepped_down_from: str | None = None
-        """The promoted version that was refused since (live stepped down from it)."""
-        self.canary_history = False
-        """The log has made a canary: from then on only promotions make versions live."""
+        self.stepped_down_from: str | None = None  # the promoted version refused since (live stepped down)
+        self.canary_history = False  # the log has made a canary: since then only promotions go live
         self.restored_canary: tuple[str, float] | None = None
         """The canary the replayed log left, loaded by `decisions.reconcile`."""
-        self.retired: set[str] = set()
-        """Versions that served (live or canary) and were superseded."""
+        self.retired: set[str] = set()  # versions that served (live or canary) and were superseded
 
     @property
     def live(self) -> str:
