@@ -35,7 +35,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from learner import metrics
 from thumbtune.core.contract import (
@@ -48,16 +48,14 @@ from thumbtune.core.contract import (
     parse_control,
     version_number,
 )
-from thumbtune.core.kafka import bootstrap_servers, make_consumer, reachable
+from thumbtune.core.kafka import TopicFollower, bootstrap_servers, make_consumer, reachable
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PARTITION = TopicPartition(CONTROL_TOPIC, 0)
-POLL_MS = 200
 """The longest a stop request waits for the thread."""
 BOOTSTRAP_MS = 2000
-MAX_BACKOFF_S = 30.0
 REPLAY_WAIT_S = 10.0
 """How long a starting learner waits for the log's replay before it trains (the broker has just answered
 ensure_topics, so this is only spent when it is slow)."""
@@ -194,27 +192,28 @@ def restored(refusal: Refusal, target: str) -> None:
     metrics.set_version(target)
 
 
-class ControlFollower:
+class ControlFollower(TopicFollower):
     """Follows ``thumbtune.control`` from its start in a daemon thread, folding it into ``refusals``.
 
     Kafka never stops training: while the broker is unreachable the thread retries with backoff (and the
     learner trains with the refusals it knows); on reconnection it goes on from where it stopped reading.
     """
 
+    topic, thread_name = CONTROL_TOPIC, "thumbtune-learner-control"
+
     def __init__(self, settings: Settings, refusals: Refusals) -> None:
+        super().__init__()
         self.settings = settings
         self.refusals = refusals
         self.position = 0
         """The next offset of thumbtune.control to read."""
         self.replayed = threading.Event()
         """Set once the thread has read the log up to its end offset at connection."""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._end = 0
 
     def start(self, wait_s: float = REPLAY_WAIT_S) -> bool:
         """Start following; wait up to ``wait_s`` for the replay. False if it did not finish in time."""
-        self._thread = threading.Thread(target=self._run, name="thumbtune-learner-control", daemon=True)
-        self._thread.start()
+        super().start()
         if not self.replayed.wait(wait_s):
             log.warning(
                 "%s not read to its end within %.0f s: training on with the %d refusals known so far",
@@ -225,43 +224,28 @@ class ControlFollower:
             return False
         return True
 
-    def stop(self, timeout: float = 3.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def connect(self) -> KafkaConsumer:
+        if not reachable(bootstrap_servers(self.settings.kafka_bootstrap_servers)):
+            raise OSError(f"no broker of {self.settings.kafka_bootstrap_servers} accepts connections")
+        consumer = make_consumer(
+            self.settings, "thumbtune-learner-control", group_id=None, bootstrap_timeout_ms=BOOTSTRAP_MS
+        )
+        consumer.assign([PARTITION])
+        consumer.seek(PARTITION, self.position)
+        self._end = consumer.end_offsets([PARTITION])[PARTITION]
+        return consumer
 
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            consumer = None
-            try:
-                if not reachable(bootstrap_servers(self.settings.kafka_bootstrap_servers)):
-                    raise OSError(f"no broker of {self.settings.kafka_bootstrap_servers} accepts connections")
-                consumer = make_consumer(
-                    self.settings,
-                    "thumbtune-learner-control",
-                    group_id=None,
-                    bootstrap_timeout_ms=BOOTSTRAP_MS,
-                )
-                consumer.assign([PARTITION])
-                consumer.seek(PARTITION, self.position)
-                end = consumer.end_offsets([PARTITION])[PARTITION]
-                backoff = 0.5
-                while not self._stop.is_set():
-                    if self.position >= end and not self.replayed.is_set():
-                        log.info("%s replayed: %d refused versions", CONTROL_TOPIC, len(self.refusals))
-                        self.replayed.set()
-                    for records in consumer.poll(timeout_ms=POLL_MS).values():
-                        for record in records:
-                            self.refusals.fold(record.value, f"{CONTROL_TOPIC}@{record.offset}")
-                            self.position = record.offset + 1
-            except Exception as exc:  # noqa: BLE001 - Kafka failed: retry, never take training down
-                log.warning("following %s failed (%r); retrying in %.1f s", CONTROL_TOPIC, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
-            finally:
-                if consumer is not None:
-                    try:
-                        consumer.close(autocommit=False)
-                    except Exception:  # noqa: BLE001 - closing after a failure: nothing more to do
-                        log.debug("closing the control consumer failed", exc_info=True)
+    def on_connect(self, consumer: KafkaConsumer) -> None:
+        self._check_replayed()
+
+    def on_records(self, polled: dict) -> None:
+        for records in polled.values():
+            for record in records:
+                self.refusals.fold(record.value, f"{CONTROL_TOPIC}@{record.offset}")
+                self.position = record.offset + 1
+        self._check_replayed()
+
+    def _check_replayed(self) -> None:
+        if self.position >= self._end and not self.replayed.is_set():
+            log.info("%s replayed: %d refused versions", CONTROL_TOPIC, len(self.refusals))
+            self.replayed.set()

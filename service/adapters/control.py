@@ -40,13 +40,12 @@ from service.adapters.admission import COMMAND_TIMEOUT_S, EngineUnavailable
 from service.adapters.manager import AdapterManager, UnknownVersion, VersionConflict
 from service.protocol import ControlView, DecisionView
 from thumbtune.core.contract import CONTROL_TOPIC, ControlAck, ControlAction, ControlRecord, parse_control
-from thumbtune.core.kafka import bootstrap_servers, make_consumer, make_producer, reachable
+from thumbtune.core.kafka import TopicFollower, bootstrap_servers, make_consumer, make_producer, reachable
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
-MAX_BACKOFF_S = 30.0
 SEND_TIMEOUT_S = 10.0
 BOOTSTRAP_MS = 2000
 PARTITION = TopicPartition(CONTROL_TOPIC, 0)
@@ -79,8 +78,11 @@ class _Waiter:
     acks: dict[str, ControlAck] = field(default_factory=dict)
 
 
-class ControlPlane:
+class ControlPlane(TopicFollower):
+    topic, thread_name, poll_ms = CONTROL_TOPIC, "thumbtune-control", POLL_MS
+
     def __init__(self, settings: Settings, manager: AdapterManager, replica: str | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.manager = manager
         self.replica = replica or settings.replica_id or default_replica_id()
@@ -88,7 +90,6 @@ class ControlPlane:
         """The next offset of thumbtune.control to read."""
         self.replayed = False
         self.applied = 0
-        self.last_error: str | None = None
         self.connected = threading.Event()
         self.replicas: dict[str, float] = {}
         """Other replicas that joined and have not left: name -> when they were last heard from."""
@@ -96,8 +97,6 @@ class ControlPlane:
         self._waiters: dict[str, _Waiter] = {}
         self._producer: KafkaProducer | None = None
         self._unsent: list[ControlRecord] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         manager.on_refused = self._refused_by_checks
         manager.on_candidate = self._candidate
         metrics.CONTROL_CONNECTED.labels(self.replica).set(0)
@@ -111,7 +110,7 @@ class ControlPlane:
         try:
             if not reachable(bootstrap_servers(self.settings.kafka_bootstrap_servers)):
                 raise OSError(f"no broker of {self.settings.kafka_bootstrap_servers} accepts connections")
-            consumer = self._consumer()
+            consumer = self.connect()
             self._read_to_end(consumer, time.monotonic() + timeout)
         except (KafkaError, OSError, TimeoutError) as exc:
             self.last_error = repr(exc)
@@ -124,10 +123,6 @@ class ControlPlane:
         log.info("%s replayed: %d records, pinned %s", CONTROL_TOPIC, self.position, self.manager.pinned)
         return True
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="thumbtune-control", daemon=True)
-        self._thread.start()
-
     def stop(self, timeout: float = 3.0) -> None:
         """Say this replica is leaving (best effort), stop reading."""
         producer = self._producer
@@ -136,11 +131,9 @@ class ControlPlane:
                 self._send(self._ack(None, True, leaving=True), wait=1.0)
             except ControlUnavailable:
                 log.debug("could not say goodbye on %s", CONTROL_TOPIC)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
 
-    def _consumer(self) -> KafkaConsumer:
+    def connect(self) -> KafkaConsumer:
         consumer = make_consumer(
             self.settings, "thumbtune-server-control", group_id=None, bootstrap_timeout_ms=BOOTSTRAP_MS
         )
@@ -158,49 +151,36 @@ class ControlPlane:
                     self._fold(record.value, record.offset)
                     self.position = record.offset + 1
 
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            consumer = None
-            try:
-                consumer = self._consumer()
-                self._producer = make_producer(self.settings, "thumbtune-server-control", acks="all")
-                if not self.replayed:
-                    self._read_to_end(consumer, float("inf"))
-                    self.replayed = True
-                    decisions.reconcile(self.manager)
-                self._send(self._ack(None, True))
-                for record in self._unsent:
-                    self._send(record)
-                self._unsent.clear()
-                self.connected.set()
-                metrics.CONTROL_CONNECTED.labels(self.replica).set(1)
-                self.last_error, backoff = None, 0.5
-                while not self._stop.is_set():
-                    for records in consumer.poll(timeout_ms=POLL_MS).values():
-                        for record in records:
-                            self._handle(record.value, record.offset)
-                            self.position = record.offset + 1
-            except Exception as exc:  # noqa: BLE001 - Kafka failed: retry, never take serving down
-                self.connected.clear()
-                metrics.CONTROL_CONNECTED.labels(self.replica).set(0)
-                self.last_error = repr(exc)
-                log.warning("following %s failed (%r); retrying in %.1f s", CONTROL_TOPIC, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
-            finally:
-                self._close(consumer)
+    def on_connect(self, consumer: KafkaConsumer) -> None:
+        self._producer = make_producer(self.settings, "thumbtune-server-control", acks="all")
+        if not self.replayed:
+            self._read_to_end(consumer, float("inf"))
+            self.replayed = True
+            decisions.reconcile(self.manager)
+        self._send(self._ack(None, True))
+        for record in self._unsent:
+            self._send(record)
+        self._unsent.clear()
+        self.connected.set()
+        metrics.CONTROL_CONNECTED.labels(self.replica).set(1)
 
-    def _close(self, consumer: KafkaConsumer | None) -> None:
+    def on_records(self, polled: dict) -> None:
+        for records in polled.values():
+            for record in records:
+                self._handle(record.value, record.offset)
+                self.position = record.offset + 1
+
+    def on_failure(self, exc: Exception) -> None:
+        self.connected.clear()
+        metrics.CONTROL_CONNECTED.labels(self.replica).set(0)
+
+    def on_close(self) -> None:
         producer, self._producer = self._producer, None
-        for client in (consumer, producer):
+        if producer is not None:
             try:
-                if isinstance(client, KafkaConsumer):
-                    client.close(autocommit=False)
-                elif client is not None:
-                    client.close(timeout=1)
+                producer.close(timeout=1)
             except KafkaError:
-                log.debug("closing a %s client failed", CONTROL_TOPIC, exc_info=True)
+                log.debug("closing a %s producer failed", CONTROL_TOPIC, exc_info=True)
 
     # --- reading the log --------------------------------------------------------------------------------
 

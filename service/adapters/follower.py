@@ -24,13 +24,11 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer
 from service.adapters.manager import AdapterManager
 from service.protocol import FollowerView
 from thumbtune.core.contract import ADAPTERS_TOPIC, AdapterAnnouncement
-from thumbtune.core.kafka import make_consumer
+from thumbtune.core.kafka import TopicFollower, make_consumer
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 200
-MAX_BACKOFF_S = 30.0
 CLOSE_MS = 100
 """Leaving the group is a courtesy (the group is this replica's alone): never hold shutdown up for it."""
 BOOTSTRAP_MS = 2000
@@ -48,28 +46,18 @@ class _CatchUpOnAssignment(ConsumerRebalanceListener):
         self.follower.catch_up_due = True
 
 
-class AdapterFollower:
+class AdapterFollower(TopicFollower):
+    topic, thread_name, close_timeout_ms = ADAPTERS_TOPIC, "thumbtune-adapter-follower", CLOSE_MS
+
     def __init__(self, settings: Settings, manager: AdapterManager, group_id: str | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.manager = manager
         self.group_id = group_id or f"thumbtune-server-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.assigned = threading.Event()
         """Set once the follower is assigned the topic and has caught up with the store (tests wait on it)."""
         self.catch_up_due = False
-        self.last_error: str | None = None
         self.announcements = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="thumbtune-adapter-follower", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 3.0) -> None:
-        """Stop following; a thread still waiting on an unreachable broker finishes on its own (daemon)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def state(self) -> FollowerView:
         return FollowerView(
@@ -79,7 +67,7 @@ class AdapterFollower:
             last_error=self.last_error,
         )
 
-    def _consumer(self) -> KafkaConsumer:
+    def connect(self) -> KafkaConsumer:
         consumer = make_consumer(
             self.settings,
             "thumbtune-server-adapters",
@@ -90,35 +78,17 @@ class AdapterFollower:
         consumer.subscribe([ADAPTERS_TOPIC], listener=_CatchUpOnAssignment(self))
         return consumer
 
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            consumer = None
-            try:
-                consumer = self._consumer()
-                while not self._stop.is_set():
-                    polled = consumer.poll(timeout_ms=POLL_MS)
-                    if self.catch_up_due:
-                        self.catch_up_due = False
-                        self.manager.catch_up()
-                        self.assigned.set()
-                        self.last_error = None
-                        backoff = 0.5
-                    for records in polled.values():
-                        for record in records:
-                            self._handle(record.value, f"{record.partition}:{record.offset}")
-            except Exception as exc:  # noqa: BLE001 - Kafka or a swap failed: retry, never take serving down
-                self.assigned.clear()
-                self.last_error = repr(exc)
-                log.warning("following %s failed (%r); retrying in %.1f s", ADAPTERS_TOPIC, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
-            finally:
-                if consumer is not None:
-                    try:
-                        consumer.close(autocommit=False, timeout_ms=CLOSE_MS)
-                    except Exception:
-                        log.debug("closing the adapters consumer failed", exc_info=True)
+    def on_records(self, polled: dict) -> None:
+        if self.catch_up_due:
+            self.catch_up_due = False
+            self.manager.catch_up()
+            self.assigned.set()
+        for records in polled.values():
+            for record in records:
+                self._handle(record.value, f"{record.partition}:{record.offset}")
+
+    def on_failure(self, exc: Exception) -> None:
+        self.assigned.clear()
 
     def _handle(self, value: bytes, where: str) -> None:
         received = time.monotonic()

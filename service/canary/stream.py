@@ -14,22 +14,22 @@ import threading
 import time
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
 from service.canary.ratings import VersionRatings
 from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent
-from thumbtune.core.kafka import make_consumer
+from thumbtune.core.kafka import TopicFollower, make_consumer
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 200
-MAX_BACKOFF_S = 30.0
 BOOTSTRAP_MS = 2000
 
 
-class RatingsFollower:
+class RatingsFollower(TopicFollower):
+    topic, thread_name = FEEDBACK_TOPIC, "thumbtune-ratings"
+
     def __init__(self, settings: Settings, ratings: VersionRatings, lock: threading.Lock) -> None:
+        super().__init__()
         self.settings = settings
         self.ratings = ratings
         self.lock = lock
@@ -38,21 +38,9 @@ class RatingsFollower:
         """partition -> next offset to read."""
         self.caught_up = threading.Event()
         self.malformed = 0
-        self.last_error: str | None = None
         self._ends: dict[int, int] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="thumbtune-ratings", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 3.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _consumer(self) -> KafkaConsumer:
+    def connect(self) -> KafkaConsumer:
         consumer = make_consumer(
             self.settings, "thumbtune-server-ratings", group_id=None, bootstrap_timeout_ms=BOOTSTRAP_MS
         )
@@ -73,30 +61,12 @@ class RatingsFollower:
             self._ends = {tp.partition: offset for tp, offset in consumer.end_offsets(tps).items()}
         return consumer
 
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            consumer = None
-            try:
-                consumer = self._consumer()
-                self.last_error, backoff = None, 0.5
-                while not self._stop.is_set():
-                    for tp, records in consumer.poll(timeout_ms=POLL_MS).items():
-                        for record in records:
-                            self._fold(record.value)
-                            self.positions[tp.partition] = record.offset + 1
-                    self._check_caught_up()
-            except Exception as exc:  # noqa: BLE001 - Kafka failed: retry, never take serving down
-                self.last_error = repr(exc)
-                log.warning("reading %s failed (%r); retrying in %.1f s", FEEDBACK_TOPIC, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
-            finally:
-                if consumer is not None:
-                    try:
-                        consumer.close(autocommit=False)
-                    except KafkaError:
-                        log.debug("closing the ratings consumer failed", exc_info=True)
+    def on_records(self, polled: dict) -> None:
+        for tp, records in polled.items():
+            for record in records:
+                self._fold(record.value)
+                self.positions[tp.partition] = record.offset + 1
+        self._check_caught_up()
 
     def _fold(self, value: bytes) -> None:
         try:

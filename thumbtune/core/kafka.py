@@ -1,6 +1,7 @@
 """Kafka clients as thumbtune builds them: bootstrap parsing, producers, consumers, the admin client,
-consumer-group timing and topic creation. Every Kafka client of the server and the learner is made here,
-so connection settings (servers today; TLS and SASL later) have one home.
+consumer-group timing, topic creation, and the thread that follows a topic (`TopicFollower`). Every
+Kafka client of the server and the learner is made here, so connection settings (servers today; TLS and
+SASL later) have one home.
 
 What we measured against Tansu 0.6.0 (the embedded broker, thumbtune/cli/broker.py) with kafka-python
 3.0.12, and why the defaults below are what they are:
@@ -15,7 +16,9 @@ What we measured against Tansu 0.6.0 (the embedded broker, thumbtune/cli/broker.
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 import time
 from typing import Any
 
@@ -25,6 +28,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from thumbtune.core.contract import ADAPTERS_TOPIC, CONTROL_TOPIC, FEEDBACK_TOPIC
 from thumbtune.core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def bootstrap_servers(servers: str) -> list[str]:
@@ -158,3 +163,85 @@ def ensure_topics(
                 f"{last_error!r}. Is a Kafka broker listening there (`thumbtune broker`)?"
             )
         time.sleep(0.2)
+
+
+class TopicFollower:
+    """A daemon thread that follows a topic for as long as it runs, whatever Kafka does: the one loop every
+    follower of thumbtune's topics shares (the server's of adapters, control and feedback; the learner's
+    of control).
+
+        until stopped:
+            consumer = connect()           # the subclass: a consumer, subscribed or assigned and positioned
+            on_connect(consumer)           # the subclass: replay, say hello, ...; then the back-off resets
+            until stopped: on_records(consumer.poll(poll_ms))
+          on any failure: on_failure(exc), wait (0.5 s, doubling up to 30 s), and connect again
+          always: close the consumer without committing, then on_close()
+
+    Kafka never takes its caller down: a failure is logged, kept in ``last_error`` and retried.
+    """
+
+    topic: str = ""
+    """For logs."""
+    thread_name: str = "thumbtune-follower"
+    poll_ms = 200
+    first_backoff_s, max_backoff_s = 0.5, 30.0
+    close_timeout_ms: int | None = None
+    """How long closing may wait (leaving a group); None: kafka-python's default."""
+
+    def __init__(self) -> None:
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def connect(self) -> KafkaConsumer:
+        raise NotImplementedError
+
+    def on_connect(self, consumer: KafkaConsumer) -> None:
+        """Called once per connection, before the first poll."""
+
+    def on_records(self, polled: dict[Any, list[Any]]) -> None:
+        """Called after every poll with what it returned ({TopicPartition: [ConsumerRecord]}, maybe empty)."""
+        raise NotImplementedError
+
+    def on_failure(self, exc: Exception) -> None:
+        """Called when connecting or following failed, before the back-off."""
+
+    def on_close(self) -> None:
+        """Called after the consumer of a connection is closed (other clients of the connection, if any)."""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop following; a thread still waiting on an unreachable broker finishes on its own (daemon)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = self.first_backoff_s
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = self.connect()
+                self.on_connect(consumer)
+                self.last_error, backoff = None, self.first_backoff_s
+                while not self._stop.is_set():
+                    self.on_records(consumer.poll(timeout_ms=self.poll_ms))
+            except Exception as exc:  # noqa: BLE001 - Kafka (or a record's handling) failed: retry
+                self.last_error = repr(exc)
+                log.warning("following %s failed (%r); retrying in %.1f s", self.topic, exc, backoff)
+                self.on_failure(exc)
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, self.max_backoff_s)
+            finally:
+                if consumer is not None:
+                    try:
+                        if self.close_timeout_ms is None:
+                            consumer.close(autocommit=False)
+                        else:
+                            consumer.close(autocommit=False, timeout_ms=self.close_timeout_ms)
+                    except Exception:  # noqa: BLE001 - closing after a failure: nothing more to do
+                        log.debug("closing a %s consumer failed", self.topic, exc_info=True)
+                self.on_close()
