@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.common import thumb_event, worker_argv, worker_env
 from benchmarks.evaluate import Evaluator
+from learner.checkpoint import save_version
 from learner.config import LearnerSettings, PPOConfig
 from learner.policy import Batch, Policy, resolve_precision
 from learner.rollout import sample_with_logprobs
@@ -39,6 +40,7 @@ from thumbtune.cli import rules
 from thumbtune.cli.simulate import load_prompts
 from thumbtune.core.base_model import load_base
 from thumbtune.core.settings import Settings
+from thumbtune.core.store import LocalAdapterStore
 
 RESULT_PREFIX = "ABLATE-RESULT "
 
@@ -68,8 +70,10 @@ def run_arm(
     eval_every: int,
     samples_per_prompt: int,
     seed: int,
+    store: Path | None = None,
 ) -> dict:
-    """One arm in this process; returns its per-version rows and evaluations."""
+    """One arm in this process; returns its per-version rows and evaluations. With ``store``, the last
+    version is also written there as the learner writes its versions (`bench canary` serves it)."""
     judge = rules.load_rule(rule)
     learner = LearnerSettings(**overrides, device="cpu")
     base = load_base(settings)
@@ -158,6 +162,9 @@ def run_arm(
         if v % eval_every == 0 or v == versions:
             evaluations.append(evaluate(v))
             print(f"[{policy.version}] eval " + json.dumps(evaluations[-1]), file=sys.stderr, flush=True)
+    if store is not None:
+        version = save_version(LocalAdapterStore(store), policy, state, base=base, event_ids=[])
+        print(f"[{version}] saved in {store}", file=sys.stderr, flush=True)
     return {
         "overrides": overrides,
         "config": {name: getattr(learner, name) for name in PPOConfig.model_fields},

@@ -141,6 +141,13 @@ def bench_loop(
         help="The embedded learner's refine_rounds: own-answer updates between human batches (default: "
         "THUMBTUNE_LEARNER_REFINE_ROUNDS's).",
     ),
+    canary_share: float = typer.Option(
+        None,
+        min=0.0,
+        max=0.5,
+        help="Serve each new version to this share of users as a canary first (THUMBTUNE_CANARY_SHARE; "
+        "default none, as `thumbtune up`); the users then come as 1,000 distinct `user` ids.",
+    ),
 ) -> None:
     """The whole loop with simulated users: approval, KL, capability per version; results.json + plot."""
     from benchmarks.loop import run  # lazy: start-up time (torch), for every `thumbtune` command
@@ -160,6 +167,7 @@ def bench_loop(
         seed=seed,
         think_s=think_s,
         refine_rounds=refine_rounds,
+        canary_share=canary_share,
     )
     try:
         signals = parse_signals(signal) if signal is not None else []
@@ -176,5 +184,49 @@ def bench_loop(
                 signal=signals[0] if signals else None,
                 **options,
             )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command("canary")
+def bench_canary(
+    out: Path = typer.Option(Path("artifacts/bench-canary/drill"), help="Where results.json and logs go."),
+    adapters: Path = typer.Option(
+        Path("artifacts/bench-canary/adapters"),
+        help="The good and bad adapters: trained here on the first run (~15 min, both cores), then reused.",
+    ),
+    rule: str = typer.Option("concise", help=RULE_HELP),
+    repetitions: int = typer.Option(20, min=1, help="Drills, each on a fresh system with its own seed."),
+    first_seed: int = typer.Option(1, help="Seed of the first drill (the next ones count up)."),
+    good_versions: int = typer.Option(16, min=1, help="PPO updates of the good adapter (on the rule)."),
+    bad_versions: int = typer.Option(8, min=1, help="PPO updates of the bad adapter (on not:RULE)."),
+    thumb_users: int = typer.Option(4, min=0, help="Concurrent simulated users who rate one answer."),
+    compare_users: int = typer.Option(4, min=0, help="Concurrent simulated users who pick one of two."),
+    population: int = typer.Option(1000, min=1, help="Distinct users (`user` ids) the requests come from."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of the users' requests."),
+    max_ratings: int = typer.Option(
+        1000, min=1, help="Ratings after which an undecided canary counts as undecided and the drill goes on."
+    ),
+) -> None:
+    """The canary drill: a good version is promoted and a planted bad one rolled back, by simulated users."""
+    from benchmarks.canary import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    if thumb_users + compare_users == 0:
+        raise typer.BadParameter("the drill needs users: --thumb-users or --compare-users above 0")
+    try:
+        run(
+            out,
+            adapters=adapters,
+            rule=rule,
+            repetitions=repetitions,
+            first_seed=first_seed,
+            good_versions=good_versions,
+            bad_versions=bad_versions,
+            thumb_users=thumb_users,
+            compare_users=compare_users,
+            population=population,
+            max_tokens=max_tokens,
+            max_ratings=max_ratings,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -234,9 +234,11 @@ def run(
     signal: str | None = None,
     think_s: float = 0.0,
     refine_rounds: int | None = None,
+    canary_share: float | None = None,
 ) -> dict:
     """One run; ``signal`` and ``refine_rounds`` set the embedded learner's THUMBTUNE_LEARNER_SIGNAL and
-    _REFINE_ROUNDS (None: the environment's)."""
+    _REFINE_ROUNDS (None: the environment's); ``canary_share``, THUMBTUNE_CANARY_SHARE (the users then come
+    as 1,000 distinct `user` ids, so the share can draw them)."""
     judge = load_rule(rule)
     overrides = {
         name: value
@@ -244,10 +246,12 @@ def run(
         if value is not None
     }
     learner_env = {f"THUMBTUNE_LEARNER_{name.upper()}": str(value) for name, value in overrides.items()}
-    if overrides and url is not None:
+    if canary_share is not None:
+        learner_env["THUMBTUNE_CANARY_SHARE"] = str(canary_share)
+    if (overrides or canary_share is not None) and url is not None:
         raise ValueError(
-            "--signal and --refine-rounds set the embedded learner's; with --url, set them on the "
-            "learner you run"
+            "--signal, --refine-rounds and --canary-share set the embedded system's; with --url, set them "
+            "on the learner and servers you run"
         )
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after an hour of simulated users
         raise ValueError("bench loop draws learning.png with matplotlib: .venv/bin/pip install -e '.[bench]'")
@@ -267,6 +271,7 @@ def run(
         "url": url or "embedded",
         "eval_every": eval_every,
         "think_s": think_s,
+        "canary_share": canary_share or 0.0,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
     }
@@ -284,6 +289,7 @@ def run(
         prompts=train,
         seed=seed,
         think_s=think_s,
+        population=1000 if canary_share else None,
         on_rating=progress_printer(50),
     )
     if url is None:

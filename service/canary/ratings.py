@@ -6,9 +6,12 @@ how far each replica has read.
 
 Two kinds of evidence:
 
-approval     per version, ratings and approvals (reward > 0), in one-minute buckets of the time the
-             answer was given, so a canary is compared with what the live version earned *while the canary
-             ran* (`approval(version, since)`), not with its whole history
+approval     per version, thumbs and 1-5 ratings and how many approved (reward > 0), in one-minute
+             buckets of the time the answer was given, so a canary is compared with what the live version
+             earned *while the canary ran* (`approval(version, since)`), not with its whole history. A
+             choice or a ranking says which answer is better, not whether any is good, so it counts here not
+             at all (between two answers of one version, half of its "approvals" would be noise: measured
+             in the canary drill, it pulled a bad version's approval from 8% to 32%)
 head-to-head per pair of versions, wins, losses and ties, from choices and rankings whose answers came
              from different versions (compare mode mixes live and canary): the user's choice is then a
              direct comparison of the versions. A choice's events are joined by response id (the rejected
@@ -73,14 +76,16 @@ class VersionRatings:
 
     def add(self, event: FeedbackEvent) -> None:
         self.events += 1
-        version = event.adapter_version
-        counts = self._buckets[version].setdefault(int(event.answered_at // BUCKET_S), [0, 0])
-        counts[0] += 1
-        counts[1] += event.reward > 0
         if event.kind is FeedbackKind.choice:
             self._choice(event)
         elif event.kind is FeedbackKind.ranking:
             self._ranking(event)
+        else:  # a thumb or a 1-5 rating: an absolute judgement of one answer
+            counts = self._buckets[event.adapter_version].setdefault(
+                int(event.answered_at // BUCKET_S), [0, 0]
+            )
+            counts[0] += 1
+            counts[1] += event.reward > 0
 
     def _choice(self, event: FeedbackEvent) -> None:
         here = (event.adapter_version, event.answered_at)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 from service.canary.arena import Comparison
-from service.canary.ratings import BUCKET_S, VersionRatings
+from service.canary.ratings import BUCKET_S, Approval, VersionRatings
 from thumbtune.core.contract import FeedbackEvent, FeedbackKind, SamplingParams, reward_for
 
 
@@ -105,3 +105,16 @@ def test_a_ranking_gives_every_pair_once_all_its_places_are_in_in_any_order() ->
         assert (ratings.head_to_head("v3", "v2").wins, ratings.head_to_head("v3", "v2").losses) == (2, 0)
         assert (ratings.head_to_head("v1", "v2").wins, ratings.head_to_head("v1", "v2").losses) == (1, 0)
         assert len(ratings.comparisons()) == 5
+
+
+def test_choices_and_rankings_are_head_to_head_evidence_only_never_approval() -> None:
+    ratings = VersionRatings()
+    ratings.add(event("a", "v1", FeedbackKind.choice, "chosen"))
+    ratings.add(event("b", "v1", FeedbackKind.choice, "rejected", paired="a"))  # v1 against itself
+    ratings.add(event("c", "v2", FeedbackKind.choice, "chosen"))
+    ratings.add(event("d", "v1", FeedbackKind.choice, "rejected", paired="c"))
+    for place, version in enumerate(["v2", "v1"], start=1):
+        ratings.add(event(f"k{place}", version, FeedbackKind.ranking, place, ranking_id="k", ranking_size=2))
+    ratings.add(thumb("t", "v1", True))
+    assert ratings.approval("v1") == Approval(1, 1) and ratings.approval("v2") == Approval(0, 0)
+    assert (ratings.head_to_head("v2", "v1").wins, ratings.head_to_head("v2", "v1").losses) == (2, 0)

@@ -203,7 +203,7 @@ def test_rho_makes_the_boundary_tightest_near_its_target() -> None:
     best = grid[np.argmin(mixture_boundary(v, 0.05, grid))]
     assert mixture_boundary(v, 0.05, RHO) <= 1.005 * mixture_boundary(v, 0.05, best)
     assert rho_tightest_at(TIGHTEST_AT) == RHO
-    assert RHO == pytest.approx(125 / (2 * math.log(20) + math.log(1 + 2 * math.log(20))))
+    assert RHO == pytest.approx(25 / (2 * math.log(20) + math.log(1 + 2 * math.log(20))))  # V* = 100 / 4
 
 
 def test_win_rate_cs_is_mean_cs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -36,3 +37,16 @@ def test_on_topic_counts_the_prompts_content_words_in_the_answer() -> None:
     assert on_topic(prompt, "Press plastic wrap on the guacamole to keep it from turning brown.")
     assert not on_topic(prompt, "Guacamole turns brown: what would you like to know about that?")  # 2 words
     assert not on_topic(prompt, "")
+
+
+def test_not_inverts_a_rule_thumbs_and_scores_alike() -> None:
+    from thumbtune.cli.rules import load_rule
+
+    verbose = load_rule("not:concise")
+    assert verbose("q", " ".join(["word"] * 31)) is True
+    assert verbose("q", "Short and to the point.") is False
+    assert load_rule("not:not:concise")("q", "Short.") is True
+    shorter = load_rule("not:tests.support.loop_rules:shorter")
+    assert shorter("q", "abc") == 1 - 1 / 4
+    with pytest.raises(ValueError, match="unknown rule"):
+        load_rule("not:terse")

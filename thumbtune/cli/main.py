@@ -139,6 +139,12 @@ def simulate(
         0.0, min=0.0, help="Seconds each user waits after a rating before the next question."
     ),
     log: Path = typer.Option(None, help="Write every rating as JSON lines here."),
+    population: int = typer.Option(
+        None,
+        min=1,
+        help="Send each request as one of this many users (the `user` field, drawn at random), so a "
+        "canary's per-user share sees them; default none (every request is anonymous: it stays on live).",
+    ),
 ) -> None:
     """Simulated users: chat with a running server and rate every answer by a rule."""
     try:
@@ -162,6 +168,7 @@ def simulate(
         api_key=api_key,
         seed=seed,
         think_s=think_s,
+        population=population,
         on_rating=progress_printer(),
     )
     try:

@@ -18,7 +18,7 @@ Rule = Callable[[str, str], "bool | float"]
 RULE_HELP = (
     "How users rate: concise (<= 30 words), no-lists, polite, on-topic (uses 3 of the prompt's words), or "
     "package.module:function"
-    "(prompt, response) -> bool | float in [0, 1] (a float becomes a 1-5 rating)."
+    "(prompt, response) -> bool | float in [0, 1] (a float becomes a 1-5 rating); not:RULE inverts one."
 )
 
 _WORD = re.compile(r"\S+")
@@ -74,8 +74,21 @@ def on_topic(prompt: str, response: str) -> bool:
 BUILTIN: dict[str, Rule] = {"concise": concise, "no-lists": no_lists, "polite": polite, "on-topic": on_topic}
 
 
+def inverted(rule: Rule) -> Rule:
+    """The opposite taste: approves what ``rule`` disapproves (a score s becomes 1 - s)."""
+
+    def opposite(prompt: str, response: str) -> bool | float:
+        verdict = judge(rule, prompt, response)
+        return not verdict if isinstance(verdict, bool) else 1.0 - verdict
+
+    return opposite
+
+
 def load_rule(spec: str) -> Rule:
-    """A built-in name, or ``package.module:function`` importable now. Raises ValueError with the reason."""
+    """A built-in name, ``package.module:function`` importable now, or ``not:`` before either (`inverted`).
+    Raises ValueError with the reason."""
+    if spec.startswith("not:"):
+        return inverted(load_rule(spec.removeprefix("not:")))
     if spec in BUILTIN:
         return BUILTIN[spec]
     module_name, sep, attr = spec.partition(":")

@@ -120,12 +120,15 @@ class Simulator:
         seed: int = 0,
         timeout_s: float = 300.0,
         think_s: float = 0.0,
+        population: int | None = None,
         on_rating: Callable[[Rating, Report], None] | None = None,
     ) -> None:
         if users < 1 or thumbs < 1:
             raise ValueError("users and thumbs must be at least 1")
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"noise is a probability in [0, 1], got {noise}")
+        if population is not None and population < 1:
+            raise ValueError(f"population is a number of users, at least 1; got {population}")
         if think_s < 0:
             raise ValueError(f"think_s is a wait in seconds, at least 0; got {think_s}")
         if rank is not None and (choice or not 2 <= rank <= 4):
@@ -140,12 +143,20 @@ class Simulator:
         self.timeout_s = timeout_s
         self.think_s = think_s
         """Seconds each user waits after a rating before asking again (0: as fast as the server answers)."""
+        self.population = population
+        """Each request comes from one of this many users (``user`` = "user-<seed>-<i>", drawn at random):
+        what a canary's per-user share needs. None: anonymous requests, which always stay on live."""
+        self._seed = seed
         self.on_rating = on_rating
         self.report = Report()
         self._reserved = 0
 
     def run(self) -> Report:
         return asyncio.run(self.run_async())
+
+    def stop(self) -> None:
+        """No new exchanges: each user finishes the one in flight, then `run_async` returns."""
+        self.thumbs = self._reserved
 
     async def run_async(self) -> Report:
         self.report.started_at = time.time()
@@ -191,6 +202,8 @@ class Simulator:
             "max_tokens": self.max_tokens,
             "n": self.rank or (2 if self.choice else 1),
         }
+        if self.population is not None:
+            body["user"] = f"user-{self._seed}-{rng.randrange(self.population)}"
         completion = await _post(client, "/v1/chat/completions", body)
         answers = [c["message"]["content"] for c in completion["choices"]]
         ids = [c["response_id"] for c in completion["choices"]]
