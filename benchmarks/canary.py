@@ -5,7 +5,8 @@
    one on its inverse (``not:RULE``, --bad-versions updates): a version that learnt the opposite of what
    users want, small enough a step to pass the KL checks.
 2. Per repetition (seed), a fresh system: the embedded broker and one server (`thumbtune serve`, the
-   product's canary settings; no learner), live = the base. Simulated users chat without pause:
+   product's canary settings but for the exposure, --canary-share and --compare-share; no learner),
+   live = the base. Simulated users chat without pause:
    --thumb-users rate single answers with a thumb, --compare-users pick the better of two (`n` = 2),
    each request from one of --population users (the `user` field), so the canary's share is a share
    of users, as in production.
@@ -47,6 +48,13 @@ from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
 
 ADMIN_TOKEN = "bench-canary"
+CANARY_SHARE = 0.01
+COMPARE_SHARE = 0.15
+"""The drill's exposure (THUMBTUNE_CANARY_SHARE, THUMBTUNE_CANARY_COMPARE_SHARE): few users on the canary,
+and 15% of compare requests mixed, so that nearly every answer the canary gives is one side of a
+head-to-head comparison, the evidence that costs the fewest of its answers per decision. With this
+drill's users (about 1.3 thumb requests per compare request) a canary gives ~5% of the answers; the
+product's defaults (0.1 and 0.5) give ~24%."""
 EXPECTED = {"good": "promoted", "bad": "rolled back"}
 WRONG = {"good": ("rolled back", "refused at admission"), "bad": ("promoted",)}
 """A bad version refused at admission (KL, capability) never reached users: not wrong, but not the drill."""
@@ -82,9 +90,10 @@ def answers_by_version(ratings: list[Rating], start: float, end: float) -> dict[
 
 
 class DrillSystem:
-    """The embedded broker and one server (no learner) on free ports, store and spool under ``root``."""
+    """The embedded broker and one server (no learner) on free ports, store and spool under ``root``;
+    ``settings`` (THUMBTUNE_* names) on top of the product's defaults."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
         self.root, self.store = root, root / "adapters"
         self.port, broker_port = free_port(), free_port()
         self.bootstrap = f"127.0.0.1:{broker_port}"
@@ -99,6 +108,7 @@ class DrillSystem:
             THUMBTUNE_ADAPTER_STORE=str(self.store),
             THUMBTUNE_SPOOL_DIR=str(root / "spool"),
             THUMBTUNE_ADMIN_TOKEN=ADMIN_TOKEN,
+            **(settings or {}),
         )
         self.children: list[ChildProcess] = []
 
@@ -234,10 +244,11 @@ def repetition(
     population: int,
     max_tokens: int,
     max_ratings: int,
+    settings: dict[str, str],
 ) -> dict:
     """One drill on a fresh system; its canaries and the bad version's exposure."""
     judge = load_rule(rule)
-    with DrillSystem(root) as system:
+    with DrillSystem(root, settings) as system:
         users = [
             Simulator(
                 system.url,
@@ -332,6 +343,8 @@ def run(
     population: int = 1000,
     max_tokens: int = 48,
     max_ratings: int = 1000,
+    canary_share: float = CANARY_SHARE,
+    compare_share: float = COMPARE_SHARE,
 ) -> dict:
     """Train (or reuse) the two adapters, then the drill ``repetitions`` times; prints and writes
     OUT/results.json after every repetition (a long run can be read, or stopped, half-way)."""
@@ -339,6 +352,11 @@ def run(
     if out.exists() and any(p.name.startswith("seed-") for p in out.iterdir()):
         raise ValueError(f"{out} holds an earlier drill: give bench canary a new --out")
     trained = train_adapters(adapters, rule, good_versions, bad_versions, seed=1)
+    settings = {
+        "THUMBTUNE_CANARY_SHARE": str(canary_share),
+        "THUMBTUNE_CANARY_COMPARE_SHARE": str(compare_share),
+    }
+    product = {k: v for k, v in Settings().model_dump().items() if k.startswith("canary_")}
     results: dict = {
         "config": {
             "rule": rule,
@@ -348,7 +366,7 @@ def run(
             "max_tokens": max_tokens,
             "max_ratings": max_ratings,
             "cpu_count": os.cpu_count(),
-            "canary": {k: v for k, v in Settings().model_dump().items() if k.startswith("canary_")},
+            "canary": product | {"canary_share": canary_share, "canary_compare_share": compare_share},
         },
         "adapters": {name: t.get("evaluations") for name, t in trained.items()},
         "repetitions": [],
@@ -364,6 +382,7 @@ def run(
             population=population,
             max_tokens=max_tokens,
             max_ratings=max_ratings,
+            settings=settings,
         )
         results["repetitions"].append(rep)
         print("\n".join(report({"repetitions": [rep]})[:-3]), flush=True)

@@ -207,6 +207,15 @@ def bench_canary(
     max_ratings: int = typer.Option(
         1000, min=1, help="Ratings after which an undecided canary counts as undecided and the drill goes on."
     ),
+    canary_share: float = typer.Option(
+        None,
+        min=0.0,
+        max=0.5,
+        help="THUMBTUNE_CANARY_SHARE of the drill (default 0.01; the product's 0.1).",
+    ),
+    compare_share: float = typer.Option(
+        None, min=0.0, max=1.0, help="THUMBTUNE_CANARY_COMPARE_SHARE (default 0.15; the product's 0.5)."
+    ),
 ) -> None:
     """The canary drill: a good version is promoted and a planted bad one rolled back, by simulated users."""
     from benchmarks.canary import run  # lazy: start-up time (torch), for every `thumbtune` command
@@ -227,6 +236,11 @@ def bench_canary(
             population=population,
             max_tokens=max_tokens,
             max_ratings=max_ratings,
+            **{
+                k: v
+                for k, v in (("canary_share", canary_share), ("compare_share", compare_share))
+                if v is not None
+            },
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -64,10 +64,17 @@ class ServingModels:
 
     def answers(self, name: str, n: int, subject: str | None = None) -> list[str]:
         """The adapter of each of a request's ``n`` answers. Mostly one version for all; while there is a
-        canary, a share of compare requests (``n`` >= 2 for ``thumbtune``) gets half its answers from live
-        and half from the canary, in random order, so the user's choice compares the two versions."""
-        canary = self.registry.canary
-        if name == SERVED_NAME and n >= 2 and canary is not None and random.random() < self.compare_share:
+        canary, a compare request (``n`` >= 2 for ``thumbtune``) gets half its answers from live and half
+        from the canary, in random order, so the user's choice compares the two versions: always when
+        the user is one of the canary's, else for a share of the requests. (All n from the canary would
+        cost a canary user's request n of its answers and say nothing about it against live.)"""
+        canary, share = self.registry.canary, self.registry.canary_share
+        if (
+            name == SERVED_NAME
+            and n >= 2
+            and canary is not None
+            and (serves_canary(canary, subject, share) or random.random() < self.compare_share)
+        ):
             try:
                 versions = [self.registry.resolve(""), self.registry.resolve(canary)] * n
             except UnknownAdapter:

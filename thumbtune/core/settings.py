@@ -97,8 +97,9 @@ class Settings(BaseSettings):
         0.5,
         ge=0,
         le=1,
-        description="While there is a canary, the share of compare requests (n >= 2) whose answers come half "
-        "from live, half from the canary, in random order: the user's choice compares the two versions.",
+        description="While there is a canary, the share of compare requests (n >= 2) from users not on it "
+        "whose answers come half from live, half from the canary, in random order: the user's choice "
+        "compares the two versions (a canary user's compare requests always do).",
     )
     canary_alpha: float = Field(
         0.05,
