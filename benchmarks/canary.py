@@ -48,13 +48,13 @@ from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
 
 ADMIN_TOKEN = "bench-canary"
-CANARY_SHARE = 0.01
-COMPARE_SHARE = 0.15
-"""The drill's exposure (THUMBTUNE_CANARY_SHARE, THUMBTUNE_CANARY_COMPARE_SHARE): few users on the canary,
-and 15% of compare requests mixed, so that nearly every answer the canary gives is one side of a
-head-to-head comparison, the evidence that costs the fewest of its answers per decision. With this
-drill's users (about 1.3 thumb requests per compare request) a canary gives ~5% of the answers; the
-product's defaults (0.1 and 0.5) give ~24%."""
+CANARY_SHARE = 0.05
+COMPARE_SHARE = 0.0
+"""The drill's exposure (THUMBTUNE_CANARY_SHARE, THUMBTUNE_CANARY_COMPARE_SHARE): 5% of the users on the
+canary and no other user's compare request mixed, so the canary gives about 5% of the answers (its users'
+compare requests still get one answer from each version). Against a live version users like, a thumb
+says more about a bad canary per answer it costs than a comparison does (two answers the rule scores
+alike are a coin flip); the product's defaults (0.1 and 0.5) decide in fewer ratings and expose ~21%."""
 EXPECTED = {"good": "promoted", "bad": "rolled back"}
 WRONG = {"good": ("rolled back", "refused at admission"), "bad": ("promoted",)}
 """A bad version refused at admission (KL, capability) never reached users: not wrong, but not the drill."""
@@ -278,6 +278,10 @@ def repetition(
         "bad_share_while_canary": _share(bad.answers, bad.version),
         "bad_share_of_drill": _share(drill_answers, bad.version),
         "wall_s": round(time.time() - started, 1),
+        "traffic": {  # what `bench canary-replay` takes: --thumb-fraction and --ratings-per-s
+            "thumb_fraction": sum(len(r.responses) == 1 for r in every) / max(1, len(every)),
+            "ratings_per_s": len(every) / max(1e-9, time.time() - started),
+        },
         "errors": sum((u.report.errors for u in users), start=type(users[0].report.errors)()),
     }
 

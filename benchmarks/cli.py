@@ -211,10 +211,10 @@ def bench_canary(
         None,
         min=0.0,
         max=0.5,
-        help="THUMBTUNE_CANARY_SHARE of the drill (default 0.01; the product's 0.1).",
+        help="THUMBTUNE_CANARY_SHARE of the drill (default 0.05; the product's 0.1).",
     ),
     compare_share: float = typer.Option(
-        None, min=0.0, max=1.0, help="THUMBTUNE_CANARY_COMPARE_SHARE (default 0.15; the product's 0.5)."
+        None, min=0.0, max=1.0, help="THUMBTUNE_CANARY_COMPARE_SHARE (default 0; the product's 0.5)."
     ),
 ) -> None:
     """The canary drill: a good version is promoted and a planted bad one rolled back, by simulated users."""
@@ -244,3 +244,39 @@ def bench_canary(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command("canary-replay")
+def bench_canary_replay(
+    seeds: int = typer.Option(1000, min=1, help="Replayed drills, one seed each."),
+    first_seed: int = typer.Option(1, help="Seed of the first (the next ones count up)."),
+    canary_share: float = typer.Option(
+        0.05, min=0.0, max=0.5, help="THUMBTUNE_CANARY_SHARE, as the drill's."
+    ),
+    compare_share: float = typer.Option(0.0, min=0.0, max=1.0, help="THUMBTUNE_CANARY_COMPARE_SHARE."),
+    base: float = typer.Option(
+        0.203, min=0.0, max=1.0, help="Approval of the base's answers (live at first)."
+    ),
+    good: float = typer.Option(0.750, min=0.0, max=1.0, help="Approval of the good version's answers."),
+    bad: float = typer.Option(0.078, min=0.0, max=1.0, help="Approval of the bad version's answers."),
+    thumb_fraction: float = typer.Option(
+        0.57, min=0.0, max=1.0, help="Share of requests rated with a thumb (the rest: a choice of two)."
+    ),
+    ratings_per_s: float = typer.Option(
+        0.47, min=0.001, help="Ratings per second (the judge looks each second)."
+    ),
+    max_ratings: int = typer.Option(1000, min=1, help="Ratings after which a canary counts as undecided."),
+) -> None:
+    """The drill's decisions through the product's judge on synthetic ratings: error rates over many seeds."""
+    from benchmarks.canary_replay import run  # lazy: start-up time, for every `thumbtune` command
+
+    run(
+        seeds=seeds,
+        first_seed=first_seed,
+        canary_share=canary_share,
+        compare_share=compare_share,
+        approval={"base": base, "good": good, "bad": bad},
+        thumb_fraction=thumb_fraction,
+        ratings_per_s=ratings_per_s,
+        max_ratings=max_ratings,
+    )
