@@ -12,8 +12,8 @@ so it may be read after every rating and acted on at any data-dependent time (Ho
 Sekhon 2021, "Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist. 49(2)).
 
 The boundary is the conjugate (beta-binomial) mixture of likelihood ratios (Robbins 1970; Howard et al.
-2021 give it as the beta-binomial mixture for sub-Bernoulli observations). For one alternative q, the likelihood ratio of n observations
-summing to S against the mean p,
+2021 give it as the beta-binomial mixture for sub-Bernoulli observations). For one alternative q, the
+likelihood ratio of n observations summing to S against the mean p,
 
     L_n(q; p) = (q / p)^S ((1 - q) / (1 - p))^(n - S),
 
