@@ -51,10 +51,11 @@ ADMIN_TOKEN = "bench-canary"
 CANARY_SHARE = 0.05
 COMPARE_SHARE = 0.0
 """The drill's exposure (THUMBTUNE_CANARY_SHARE, THUMBTUNE_CANARY_COMPARE_SHARE): 5% of the users on the
-canary and no other user's compare request mixed, so the canary gives about 5% of the answers (its users'
-compare requests still get one answer from each version). Against a live version users like, a thumb
-says more about a bad canary per answer it costs than a comparison does (two answers the rule scores
-alike are a coin flip); the product's defaults (0.1 and 0.5) decide in fewer ratings and expose ~21%."""
+canary and no other user's compare request mixed, so the canary gives 3-4% of the answers (its users'
+compare requests get one answer from each version: half their answers). Against a live version users
+like, a thumb says more about a bad canary per answer it costs than a comparison does (two answers the
+rule scores alike are a coin flip); the product's defaults (0.1 and 0.5) decide in fewer ratings and
+expose ~21%."""
 EXPECTED = {"good": "promoted", "bad": "rolled back"}
 WRONG = {"good": ("rolled back", "refused at admission"), "bad": ("promoted",)}
 """A bad version refused at admission (KL, capability) never reached users: not wrong, but not the drill."""

@@ -84,15 +84,15 @@ def log_mixture(
 
     Elementwise on arrays, so a simulation can evaluate a whole [streams, steps] grid at once.
     """
-    a, b = prior
     total, n, p = (np.asarray(x, dtype=float) for x in (total, n, p))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (
-            _log_beta(a + total, b + n - total)
-            - _log_beta(np.asarray(a), np.asarray(b))
-            - _xlogy(total, p)
-            - _xlogy(n - total, 1 - p)
-        )
+        return _log_marginal(total, n, prior) - _xlogy(total, p) - _xlogy(n - total, 1 - p)
+
+
+def _log_marginal(total: np.ndarray, n: np.ndarray, prior: tuple[float, float]) -> np.ndarray:
+    """log B(a + S, b + n - S) - log B(a, b): the part of log M_n(p) that does not depend on p."""
+    a, b = prior
+    return _log_beta(a + total, b + n - total) - _log_beta(np.asarray(a), np.asarray(b))
 
 
 def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -116,9 +116,7 @@ def cs_bounds(
     some = n > 0
     safe_n = np.where(some, n, 1.0)
     mean = np.where(some, total / safe_n, 0.5)
-    constant = _log_beta(prior[0] + total, prior[1] + safe_n - total) - _log_beta(
-        np.asarray(prior[0]), np.asarray(prior[1])
-    )
+    constant = _log_marginal(total, safe_n, prior)
 
     def rejected(p: np.ndarray) -> np.ndarray:
         return constant - _xlogy(total, p) - _xlogy(safe_n - total, 1 - p) >= threshold
