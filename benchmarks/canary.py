@@ -27,27 +27,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import statistics
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
-
 from benchmarks.canary_adapters import train_adapters
-from learner.announce import Announcer, announcement_for
-from thumbtune.cli.process import ChildProcess, free_port
+from benchmarks.system import System
 from thumbtune.cli.rules import load_rule
 from thumbtune.cli.simulate import Rating, Simulator
-from thumbtune.cli.up import BROKER_READY_LINE
-from thumbtune.core.contract import MANIFEST
 from thumbtune.core.settings import Settings
-from thumbtune.core.store import LocalAdapterStore
 
-ADMIN_TOKEN = "bench-canary"
 CANARY_SHARE = 0.05
 COMPARE_SHARE = 0.0
 """The drill's exposure (THUMBTUNE_CANARY_SHARE, THUMBTUNE_CANARY_COMPARE_SHARE): 5% of the users on the
@@ -90,98 +80,12 @@ def answers_by_version(ratings: list[Rating], start: float, end: float) -> dict[
     return out
 
 
-class DrillSystem:
-    """The embedded broker and one server (no learner) on free ports, store and spool under ``root``;
-    ``settings`` (THUMBTUNE_* names) on top of the product's defaults."""
-
-    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
-        self.root, self.store = root, root / "adapters"
-        self.port, broker_port = free_port(), free_port()
-        self.bootstrap = f"127.0.0.1:{broker_port}"
-        self.env = dict(
-            os.environ,
-            PYTHONUNBUFFERED="1",
-            THUMBTUNE_HOST="127.0.0.1",
-            THUMBTUNE_PORT=str(self.port),
-            THUMBTUNE_BROKER_HOST="127.0.0.1",
-            THUMBTUNE_BROKER_PORT=str(broker_port),
-            THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
-            THUMBTUNE_ADAPTER_STORE=str(self.store),
-            THUMBTUNE_SPOOL_DIR=str(root / "spool"),
-            THUMBTUNE_ADMIN_TOKEN=ADMIN_TOKEN,
-            **(settings or {}),
-        )
-        self.children: list[ChildProcess] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> DrillSystem:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.log = (self.root / "system.log").open("w", encoding="utf-8")
-        try:
-            for name, ready in (("broker", BROKER_READY_LINE), ("serve", "/readyz")):
-                argv = [sys.executable, "-m", "thumbtune.cli", name]
-                child = ChildProcess(name, argv, env=self.env, on_line=self._line(name)).start()
-                self.children.append(child)
-                if ready.startswith("/"):
-                    child.wait_http(self.url + ready, 600)
-                else:
-                    child.wait_line(ready, 60)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _line(self, name: str) -> Callable[[str], None]:
-        def write(line: str) -> None:
-            self.log.write(f"[{name}] {line}")
-            self.log.flush()
-
-        return write
-
-    def __exit__(self, *exc: object) -> None:
-        for child in reversed(self.children):
-            child.stop(grace=30)
-        self.log.close()
-
-    def publish(self, source: Path, version: str) -> None:
-        """Copy ``source``'s newest version into the store as ``version`` and announce it, as the learner
-        does (its manifest names the live version as its parent: what a learner would have trained on)."""
-        origin = LocalAdapterStore(source)
-        trained = origin.path(origin.latest() or "")
-        store = LocalAdapterStore(self.store)
-        live = self.adapters()["live"]
-        manifest = origin.read_manifest(trained.name).model_copy(
-            update={"version": version, "parent": live, "created_at": time.time()}
-        )
-
-        def copy(tmp: Path) -> None:
-            for path in trained.iterdir():
-                if path.is_file() and path.name != MANIFEST:
-                    shutil.copy2(path, tmp / path.name)
-
-        store.write_version(version, copy, manifest)
-        announcer = Announcer(Settings(kafka_bootstrap_servers=self.bootstrap))
-        try:
-            announcer.announce(announcement_for(store, version))
-        finally:
-            announcer.close()
-
-    def adapters(self) -> dict:
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        resp = httpx.get(f"{self.url}/admin/adapters", headers=headers, timeout=30)
-        resp.raise_for_status()
-        return resp.json()
-
-
 def _rated_since(users: list[Simulator], since: float) -> int:
     return sum(r.rated_at >= since for u in users for r in u.report.ratings)
 
 
 async def _follow(
-    system: DrillSystem, canary: Canary, users: list[Simulator], tasks: list[asyncio.Task], max_ratings: int
+    system: System, canary: Canary, users: list[Simulator], tasks: list[asyncio.Task], max_ratings: int
 ) -> None:
     """Poll ``/admin/adapters`` until the version is decided, or --max-ratings pass undecided."""
     while True:
@@ -211,9 +115,7 @@ async def _follow(
         await asyncio.sleep(0.5)
 
 
-async def _drill(
-    system: DrillSystem, adapters: Path, users: list[Simulator], max_ratings: int
-) -> list[Canary]:
+async def _drill(system: System, adapters: Path, users: list[Simulator], max_ratings: int) -> list[Canary]:
     tasks = [asyncio.create_task(u.run_async()) for u in users]
     canaries = []
     try:
@@ -249,7 +151,7 @@ def repetition(
 ) -> dict:
     """One drill on a fresh system; its canaries and the bad version's exposure."""
     judge = load_rule(rule)
-    with DrillSystem(root, settings) as system:
+    with System(root, settings) as system:
         users = [
             Simulator(
                 system.url,

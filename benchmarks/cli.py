@@ -280,3 +280,33 @@ def bench_canary_replay(
         ratings_per_s=ratings_per_s,
         max_ratings=max_ratings,
     )
+
+
+@app.command("soak")
+def bench_soak(
+    out: Path = typer.Option(Path("artifacts/bench-soak"), help="Results and the made adapters."),
+    minutes: float = typer.Option(30.0, min=0.1, help="How long the load runs."),
+    swap_every: float = typer.Option(7.0, min=0.5, help="Seconds between version swaps."),
+    clients: int = typer.Option(4, min=1, help="Users chatting and rating without pause."),
+    max_tokens: int = typer.Option(32, min=1, help="max_tokens of each chat request."),
+    pause: float = typer.Option(30.0, min=0.0, help="Seconds the broker is frozen, halfway."),
+    window: float = typer.Option(300.0, min=1.0, help="Seconds per latency window."),
+    warmup: float = typer.Option(300.0, min=0.0, help="Seconds of warm-up before RSS growth counts."),
+    adapters: int = typer.Option(4, min=1, help="Weight sets the versions cycle through."),
+    noise: float = typer.Option(0.005, min=0.0, help="Std of the random LoRA B weights."),
+) -> None:
+    """One server for a long time: chat, ratings, version swaps and a broker pause; RSS, 5xx, lost ratings."""
+    from benchmarks.soak import run  # lazy: start-up time, for every `thumbtune` command
+
+    run(
+        out,
+        minutes=minutes,
+        swap_every=swap_every,
+        clients=clients,
+        max_tokens=max_tokens,
+        pause_s=pause,
+        window_s=window,
+        warmup_s=warmup,
+        adapters=adapters,
+        noise=noise,
+    )
