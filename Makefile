@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 TEST_STAMP := $(STAMP)-test
 
-.PHONY: install install-test run test lint clean chromium prometheus
+.PHONY: install install-test run test lint clean chromium prometheus tls-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,7 +32,7 @@ run: install
 	@exec $(BIN)/thumbtune up
 
 # The layers first (import-linter's contracts in pyproject.toml: docs/ARCHITECTURE.md), then the suite.
-test: install-test chromium prometheus
+test: install-test chromium prometheus tls-tools
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -61,6 +61,18 @@ prometheus:
 			|| echo "!!! apt-get could not install prometheus: the promtool and Prometheus scrape tests will be SKIPPED !!!"; \
 	else \
 		echo "!!! $(PROMTOOL) is missing and apt-get cannot run here (needs root): the promtool and Prometheus scrape tests will be SKIPPED !!!"; \
+	fi
+
+# Kafka over TLS is tested through a TLS terminator (socat) in front of the embedded broker, with a CA the
+# test makes (openssl): both from Debian.
+tls-tools:
+	@if command -v socat >/dev/null && command -v openssl >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's socat and openssl for the Kafka TLS tests (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat openssl >/dev/null; } \
+			|| echo "!!! apt-get could not install socat/openssl: the Kafka TLS tests will be SKIPPED !!!"; \
+	else \
+		echo "!!! socat or openssl is missing and apt-get cannot run here (needs root): the Kafka TLS tests will be SKIPPED !!!"; \
 	fi
 
 lint: install-test

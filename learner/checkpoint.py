@@ -119,7 +119,7 @@ def load_latest(
         return policy, new_state(policy, learner_settings)
 
     check_loadable(store, version, base)
-    directory = store.path(version)
+    directory = store.directory(version)
     policy = Policy.from_dir(base.model, directory, version, device, settings, autocast_dtype=precision)
     state = resume_state(policy, directory, learner_settings)
     log.info("resuming from adapter %s (%d updates so far)", version, state.updates)
@@ -149,7 +149,7 @@ def restore_version(
         policy.version = BASE_VERSION
         return new_state(policy, learner_settings)
     check_loadable(store, version, base)
-    directory = store.path(version)
+    directory = store.directory(version)
     loaded = set_peft_model_state_dict(
         policy.model, load_file(str(directory / ADAPTER_WEIGHTS)), adapter_name=ADAPTER_NAME
     )

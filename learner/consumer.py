@@ -47,7 +47,13 @@ from learner.events import staleness
 from learner.progress import Progress
 from learner.trainer import Learner
 from thumbtune.core.contract import FEEDBACK_TOPIC, LEARNER_GROUP, FeedbackEvent
-from thumbtune.core.kafka import consumer_group_config, ensure_topics, make_consumer, topic_partitions
+from thumbtune.core.kafka import (
+    consumer_group_config,
+    ensure_topics,
+    make_consumer,
+    preflight,
+    topic_partitions,
+)
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -167,7 +173,10 @@ class KafkaLearner:
         """Consume and train until `request_stop` (a signal) or ``stop_when()``; return versions written."""
         ls = self.learner_settings
         try:
-            ensure_topics(self.settings.kafka_bootstrap_servers, topic_partitions(self.settings))
+            preflight(self.settings)  # a TLS misconfiguration stops here, named, instead of retrying forever
+            ensure_topics(
+                self.settings.kafka_bootstrap_servers, topic_partitions(self.settings), settings=self.settings
+            )
             self.control.start()  # refusals of versions (learner/control.py), followed in a thread
             retrying(
                 "announce the newest version",

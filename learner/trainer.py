@@ -85,7 +85,11 @@ class Learner:
         self.settings = settings
         self.learner_settings = learner_settings
         self.base = base if base is not None else load_base(settings)
-        self.store = store if store is not None else make_adapter_store(settings.adapter_store_path)
+        self.store = (
+            store
+            if store is not None
+            else make_adapter_store(settings.adapter_store_path, settings.adapter_cache_path)
+        )
         self.policy, self.state = load_latest(self.store, self.base, settings, learner_settings)
         self.skips = SkipCounter()
         self.admitted: set[str] = trained_event_ids(self.store)

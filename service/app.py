@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service import errors
 from service.limits import GuardMiddleware
+from service.ratelimit import RateLimiter
 from service.routers import admin, chat, feedback, health, models, page
 from service.runtime import build_runtime
 from thumbtune.core.settings import Settings
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await anyio.to_thread.run_sync(rt.close)
+            app.state.limiter.close()
 
     app = FastAPI(
         title="thumbtune",
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="OpenAI-compatible chat that learns from its users' ratings.",
     )
     app.state.settings = settings
+    app.state.limiter = RateLimiter.from_settings(settings)
     errors.install(app)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
     for module in (chat, feedback, models, health, admin, page):

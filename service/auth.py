@@ -1,14 +1,17 @@
-"""API-key and admin-token checks, as FastAPI dependencies (tests override them, not monkey-patch)."""
+"""Who may call: API-key and admin-token checks and the per-client rate limits, as FastAPI dependencies
+(tests override them, not monkey-patch)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 
 from fastapi import Depends, Request
 
-from service.dependencies import get_settings
+from service.dependencies import get_limiter, get_settings
 from service.errors import APIError
+from service.ratelimit import RateLimiter
 from thumbtune.core.settings import Settings
 
 
@@ -33,6 +36,22 @@ def api_key_id(request: Request, settings: Settings = Depends(get_settings)) -> 
     if not any(hmac.compare_digest(token.encode(), k.encode()) for k in settings.api_key_values):
         raise APIError(401, "incorrect API key provided", code="invalid_api_key")
     return key_id(token)
+
+
+def rate_limited(route: str) -> Callable[..., None]:
+    """Dependency for ``route`` ("chat" or "feedback"): a 429 once the caller is over its limit. The caller
+    is its API key's id, else its address (behind a proxy, the address uvicorn takes from X-Forwarded-For
+    when the proxy is in FORWARDED_ALLOW_IPS)."""
+
+    def dependency(
+        request: Request,
+        key_id: str | None = Depends(api_key_id),
+        limiter: RateLimiter = Depends(get_limiter),
+    ) -> None:
+        host = request.client.host if request.client else "unknown"
+        limiter.check(route, key_id or f"addr:{host}")
+
+    return dependency
 
 
 def require_admin(request: Request, settings: Settings = Depends(get_settings)) -> None:

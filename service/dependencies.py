@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from service.adapters.manager import AdapterManager
 from service.errors import APIError
+from service.ratelimit import RateLimiter
 from service.runtime import Runtime
 from service.serving_chat import ChatService
 from service.serving_feedback import FeedbackService
@@ -19,6 +20,10 @@ from thumbtune.core.settings import Settings
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def get_limiter(request: Request) -> RateLimiter:
+    return request.app.state.limiter
 
 
 def get_runtime_or_none(request: Request) -> Runtime | None:

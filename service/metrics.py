@@ -62,6 +62,12 @@ FEEDBACK_APPROVALS = Counter(
     ["adapter_version"],
 )
 FEEDBACK_DUPLICATES = Counter("thumbtune_feedback_duplicates_total", "Repeat ratings answered idempotently.")
+RATE_LIMITED = Counter(
+    "thumbtune_rate_limited_total", "Requests refused with 429 by the per-client rate limits.", ["route"]
+)
+RATE_LIMIT_ERRORS = Counter(
+    "thumbtune_rate_limit_errors_total", "Rate-limit checks Redis failed (those requests were let through)."
+)
 EVENTS_PUBLISHED = Counter("thumbtune_events_published_total", "Feedback events acknowledged by Kafka.")
 PUBLISH_ERRORS = Counter("thumbtune_publish_errors_total", "Failed attempts to publish feedback events.")
 SPOOL_DEPTH = Gauge("thumbtune_spool_depth", "Feedback events waiting in the on-disk spool.")

@@ -27,6 +27,7 @@ from service.publisher import FeedbackPublisher
 from service.serving_models import ServingModels
 from service.store import CompletionStore, make_store
 from thumbtune.core.base_model import load_base
+from thumbtune.core.kafka import preflight
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
+    preflight(settings)  # a TLS misconfiguration fails start-up, named; an unreachable broker does not
     base = load_base(settings)
     if not getattr(base.tokenizer, "chat_template", None):
         raise RuntimeError(f"model {base.model_id} has no chat template; thumbtune serves chat models only")

@@ -7,12 +7,15 @@ folder's conftest only changes what a kind needs (unit tests reach no broker).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
@@ -113,6 +116,37 @@ def consume_all() -> ConsumeAll:
 def kafka_bootstrap(broker: EmbeddedBroker) -> str:
     """Where test servers publish ratings: the session broker (tests/unit/conftest.py: nowhere)."""
     return broker.bootstrap
+
+
+# --- Redis --------------------------------------------------------------------------------------------
+
+REDIS_URL = os.environ.get("THUMBTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis the tests share (THUMBTUNE_TEST_REDIS_URL); without one, a test that needs it is skipped,
+    loudly."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1).ping()
+    except redis.RedisError as exc:
+        pytest.skip(
+            f"NO REDIS at {REDIS_URL} ({exc}): start redis-server or set THUMBTUNE_TEST_REDIS_URL; "
+            "the shared completion store and rate limits are untested here"
+        )
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of the test's own, deleted afterwards."""
+    prefix = f"thumbtune-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 # --- servers --------------------------------------------------------------------------------------------

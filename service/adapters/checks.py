@@ -115,7 +115,7 @@ def check_files(
     problems = store.verify(version)
     if problems:
         raise Refused("sha256", "; ".join(problems))
-    directory = store.path(version)
+    directory = store.directory(version)
     try:
         config = json.loads((directory / ADAPTER_CONFIG).read_text())
         weights = load_file(str(directory / ADAPTER_WEIGHTS))

@@ -88,7 +88,7 @@ class AdapterManager:
         self.engine = engine
         self.registry = registry
         self.model_id, self.fingerprint = base.model_id, base.fingerprint
-        self.store = store or make_adapter_store(settings.adapter_store_path)
+        self.store = store or make_adapter_store(settings.adapter_store_path, settings.adapter_cache_path)
         self.pinned: str | None = None
         self.status = {BASE_VERSION: VersionStatus("good", kl_live=0.0, kl_base=0.0)}
         self._lock = threading.RLock()

@@ -245,7 +245,7 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             logits_to_keep=1,
         )
         metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in seqs))
@@ -262,7 +262,7 @@ class Engine:
         mask = torch.cat([self._mask, torch.ones((len(seqs), 1), dtype=self._mask.dtype)], dim=1)
         positions = torch.tensor([[len(s.prompt_ids) + len(s.tokens) - 1] for s in seqs], dtype=torch.long)
         logits = self._forward(
-            seqs, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache
+            seqs, input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache
         )
         self._mask = mask
         metrics.BATCH_SIZE.observe(len(seqs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.auth import api_key_id
+from service.auth import api_key_id, rate_limited
 from service.dependencies import get_chat
 from service.protocol import ChatCompletion, ChatCompletionRequest
 from service.serving_chat import ChatService
@@ -15,7 +15,9 @@ router = APIRouter()
 ADAPTER_HEADER = "x-thumbtune-adapter-version"
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
+@router.post(
+    "/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(rate_limited("chat"))]
+)
 async def chat_completions(
     body: ChatCompletionRequest,
     key_id: str | None = Depends(api_key_id),

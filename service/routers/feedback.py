@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from service.auth import api_key_id
+from service.auth import api_key_id, rate_limited
 from service.dependencies import get_feedback
 from service.protocol import FeedbackAccepted, FeedbackRequest
 from service.serving_feedback import FeedbackService
@@ -13,7 +13,12 @@ from service.serving_feedback import FeedbackService
 router = APIRouter()
 
 
-@router.post("/v1/feedback", response_model=FeedbackAccepted, status_code=202)
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackAccepted,
+    status_code=202,
+    dependencies=[Depends(rate_limited("feedback"))],
+)
 def feedback(
     body: FeedbackRequest,
     key_id: str | None = Depends(api_key_id),

@@ -106,7 +106,9 @@ def test_compose_ports_and_volumes_match_the_settings() -> None:
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source, target, *mode = volume.split(":")
-            if source.startswith("."):
+            if source == "./kafka-tls":  # the operator's Kafka certificates, when there are any (gitignored)
+                assert target == "/etc/thumbtune/kafka-tls" and mode == ["ro"]
+            elif source.startswith("."):
                 assert (DEPLOY / source).is_file(), f"{name} mounts missing {source}"
             else:
                 assert source in declared, f"{name} mounts undeclared volume {source}"
@@ -119,6 +121,22 @@ def test_compose_ports_and_volumes_match_the_settings() -> None:
         assert mounts[name]["model-cache"][0] == env["THUMBTUNE_CACHE_DIR"]
     assert mounts["learner"]["adapters"][1:] == []  # the learner writes the store...
     assert mounts["server"]["adapters"][1:] == ["ro"]  # ...the server only reads it
+
+
+def test_kafka_security_comes_from_an_optional_env_file_of_real_settings() -> None:
+    services = compose()["services"]
+    for name in ("server", "learner"):
+        assert services[name]["env_file"] == [{"path": "kafka.env", "required": False}]
+    example = (DEPLOY / "kafka.env.example").read_text().splitlines()
+    keys = {line.lstrip("# ").split("=")[0] for line in example if "=" in line and "THUMBTUNE_" in line}
+    assert keys and keys <= setting_names()
+    assert {"THUMBTUNE_KAFKA_SECURITY_PROTOCOL", "THUMBTUNE_KAFKA_SASL_PASSWORD"} <= keys
+    assert all(
+        path.startswith("/etc/thumbtune/kafka-tls/")
+        for line in example
+        if "FILE=" in line
+        for path in [line.split("=", 1)[1]]
+    )
 
 
 def test_gpu_override_reserves_nvidia_gpus_for_the_learner_only() -> None:

@@ -5,20 +5,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import redis
 
 from tests.support.api import USER
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"NO REDIS at {REDIS_URL} ({exc}): the shared completion store is untested here")
-    return REDIS_URL
 
 
 @pytest.mark.redis

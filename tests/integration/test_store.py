@@ -6,10 +6,8 @@ without one they skip, saying so. Each test uses its own key prefix and deletes 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -25,8 +23,6 @@ from service.store import (
 )
 from thumbtune.core.contract import FeedbackKind, Message, SamplingParams
 from thumbtune.core.settings import Settings
-
-REDIS_URL = os.environ.get("THUMBTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 StoreFactory = Callable[..., CompletionStore]
 
@@ -64,26 +60,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc} (start redis-server or set THUMBTUNE_TEST_REDIS_URL)")
-    return REDIS_URL
-
-
-@pytest.fixture
-def redis_prefix(redis_url: str) -> Iterator[str]:
-    prefix = f"thumbtune-test:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture

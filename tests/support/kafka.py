@@ -17,22 +17,27 @@ from service.publisher import FeedbackPublisher
 from thumbtune.cli.broker import EmbeddedBroker
 from thumbtune.cli.process import free_port
 from thumbtune.core.contract import ADAPTERS_TOPIC, CONTROL_TOPIC, FEEDBACK_TOPIC, FeedbackEvent
-from thumbtune.core.kafka import ensure_topics
+from thumbtune.core.kafka import connection_config, ensure_topics
+from thumbtune.core.settings import Settings
 
 ConsumeAll = Callable[..., list[ConsumerRecord]]
 """The `consume_all` fixture: `read_topic`."""
 
 
-def read_topic(bootstrap: str, topic: str, expected: int | None, timeout: float = 30) -> list[ConsumerRecord]:
-    """Every record of ``topic`` from the beginning, by manual assignment (no group join, so fast).
+def read_topic(
+    bootstrap: str, topic: str, expected: int | None, timeout: float = 30, settings: Settings | None = None
+) -> list[ConsumerRecord]:
+    """Every record of ``topic`` from the beginning, by manual assignment (no group join, so fast);
+    ``settings``: the connection's security (None: plaintext).
 
     Returns as soon as ``expected`` records arrived, or, with ``expected=None``, once it has read
     up to the end offsets as they were when it started; otherwise whatever it has at ``timeout``.
     Records are in arrival order, which is offset order within each partition.
     """
     deadline = time.monotonic() + timeout
+    security = {} if settings is None else connection_config(settings)
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **(security | {"bootstrap_servers": bootstrap}),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

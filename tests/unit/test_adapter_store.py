@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from thumbtune.core.contract import MANIFEST, AdapterManifest
+from thumbtune.core.object_store import FsspecAdapterStore
 from thumbtune.core.store import LocalAdapterStore, VersionExists, make_adapter_store, sha256_file
 
 
@@ -126,5 +127,6 @@ def test_version_names_are_checked(tmp_path: Path) -> None:
 def test_store_urls(tmp_path: Path) -> None:
     assert make_adapter_store(str(tmp_path)).root == tmp_path
     assert make_adapter_store(f"file://{tmp_path}").root == tmp_path
-    with pytest.raises(NotImplementedError, match="'s3'"):
-        make_adapter_store("s3://bucket/adapters")
+    assert isinstance(make_adapter_store(f"memory://{tmp_path.name}", tmp_path), FsspecAdapterStore)
+    with pytest.raises(ValueError, match="THUMBTUNE_ADAPTER_STORE=nosuch://x"):
+        make_adapter_store("nosuch://x", tmp_path)

@@ -78,9 +78,15 @@ class EmbeddedBroker:
         port: int = 9092,
         log_file: str | Path | None = None,
         advertised_host: str | None = None,
+        advertised_port: int | None = None,
+        client_settings: Settings | None = None,
     ) -> None:
+        """``advertised_port`` and ``client_settings``: for a broker behind a TLS terminator, the port
+        clients are sent to and the security they connect with (also that of the readiness probe)."""
         self.host = host
         self.port = port
+        self.advertised_port = advertised_port or port
+        self.client_settings = client_settings
         # Clients are told to reconnect to the advertised address, so a wildcard bind must not be it.
         wildcard = host in ("0.0.0.0", "::", "")
         self.advertised_host = advertised_host or (socket.getfqdn() if wildcard else host)
@@ -89,7 +95,7 @@ class EmbeddedBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.advertised_host}:{self.port}"
+        return f"{self.advertised_host}:{self.advertised_port}"
 
     @property
     def pid(self) -> int | None:
@@ -110,7 +116,7 @@ class EmbeddedBroker:
             "--listener-url",
             f"tcp://{self.host}:{self.port}",
             "--advertised-listener-url",
-            f"tcp://{self.advertised_host}:{self.port}",
+            f"tcp://{self.bootstrap}",
             "--storage-engine",
             "memory://tansu/",
         ]
@@ -125,7 +131,7 @@ class EmbeddedBroker:
 
     def _answers(self) -> bool:
         try:
-            admin = make_admin(self.bootstrap, timeout_ms=2000)
+            admin = make_admin(self.bootstrap, 2000, self.client_settings)
             try:
                 admin.list_topics()
                 return True

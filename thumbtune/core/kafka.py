@@ -1,7 +1,8 @@
 """Kafka clients as thumbtune builds them: bootstrap parsing, producers, consumers, the admin client,
 consumer-group timing, topic creation, and the thread that follows a topic (`TopicFollower`). Every
-Kafka client of the server and the learner is made here, so connection settings (servers today; TLS and
-SASL later) have one home.
+Kafka client of the server and the learner is made here, so connection settings (servers, TLS, SASL:
+`connection_config`) have one home, and `preflight` turns a TLS misconfiguration into a clear error at
+start-up instead of clients that retry a failing handshake forever.
 
 What we measured against Tansu 0.6.0 (the embedded broker, thumbtune/cli/broker.py) with kafka-python
 3.0.12, and why the defaults below are what they are:
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -40,6 +42,92 @@ def bootstrap_servers(servers: str) -> list[str]:
             f"THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS={servers!r} names no server: give host:port[,host:port...]"
         )
     return parsed
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context every client wraps its broker connections in: TLS 1.2+, the brokers' certificates
+    checked against THUMBTUNE_KAFKA_SSL_CAFILE (else the system's CAs), and the client certificate for
+    mutual TLS when one is configured. kafka-python's own defaults, built once here so `preflight` tests
+    exactly what the clients will use."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = settings.kafka_ssl_check_hostname
+    if settings.kafka_ssl_cafile is not None:
+        ctx.load_verify_locations(cafile=str(settings.kafka_ssl_cafile))
+    else:
+        ctx.load_default_certs()
+    if settings.kafka_ssl_certfile is not None:
+        password = settings.kafka_ssl_password
+        ctx.load_cert_chain(
+            str(settings.kafka_ssl_certfile),
+            None if settings.kafka_ssl_keyfile is None else str(settings.kafka_ssl_keyfile),
+            None if password is None else password.get_secret_value(),
+        )
+    return ctx
+
+
+def connection_config(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments every KafkaProducer, KafkaConsumer and KafkaAdminClient gets: the servers and
+    the security settings (THUMBTUNE_KAFKA_SECURITY_PROTOCOL and its TLS and SASL companions)."""
+    protocol = settings.kafka_security_protocol
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers(settings.kafka_bootstrap_servers),
+        "security_protocol": protocol,
+    }
+    if protocol.endswith("SSL"):
+        config["ssl_context"] = tls_context(settings)
+    if protocol.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # Settings checks it
+        config |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": settings.kafka_sasl_password.get_secret_value(),
+        }
+    return config
+
+
+class KafkaSecurityError(RuntimeError):
+    """The brokers answer, but not with the configured security: a setting to fix, not an outage."""
+
+
+def _host_port(server: str) -> tuple[str, int]:
+    host, _, port = server.rpartition(":") if ":" in server else (server, "", "9092")
+    return host.strip("[]"), int(port)
+
+
+def preflight(settings: Settings, timeout: float = 5.0) -> None:
+    """At start-up, with TLS configured: a TLS handshake with the first bootstrap server that accepts a TCP
+    connection, using the clients' own `tls_context`. A certificate the CA does not vouch for, a wrong host
+    name, or a peer that does not speak TLS (it closes, or does not answer within ``timeout``) raises
+    `KafkaSecurityError` naming the server and the setting to look at. Servers that refuse the connection
+    itself are left to the clients' retries (an outage passes; chat keeps spooling ratings)."""
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return
+    ctx = tls_context(settings)
+    for server in bootstrap_servers(settings.kafka_bootstrap_servers):
+        host, port = _host_port(server)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError:
+            continue
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return
+        except ssl.SSLCertVerificationError as exc:
+            raise KafkaSecurityError(
+                f"Kafka at {server}: its TLS certificate failed verification ({exc.verify_message}). Check "
+                f"THUMBTUNE_KAFKA_SSL_CAFILE (now {settings.kafka_ssl_cafile or 'the system CAs'}) names "
+                "the CA that signed the brokers' certificates"
+                + ("" if not settings.kafka_ssl_check_hostname else ", and that they name this host")
+            ) from exc
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            raise KafkaSecurityError(
+                f"Kafka at {server}: the TLS handshake failed ({type(exc).__name__}: {exc or 'no answer'}). "
+                f"Is THUMBTUNE_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} what this listener "
+                "speaks, and does it accept the client certificate (THUMBTUNE_KAFKA_SSL_CERTFILE)?"
+            ) from exc
+        finally:
+            sock.close()
 
 
 def topic_partitions(settings: Settings) -> dict[str, int]:
@@ -73,9 +161,7 @@ def consumer_group_config(settings: Settings) -> dict[str, int]:
 
 def make_producer(settings: Settings, client_id: str, **options: Any) -> KafkaProducer:
     """A producer for the configured cluster; ``options`` are KafkaProducer's own (acks, retries, ...)."""
-    return KafkaProducer(
-        bootstrap_servers=bootstrap_servers(settings.kafka_bootstrap_servers), client_id=client_id, **options
-    )
+    return KafkaProducer(client_id=client_id, **connection_config(settings), **options)
 
 
 def make_consumer(
@@ -85,7 +171,7 @@ def make_consumer(
     ``options`` may override) or, with ``group_id=None``, for manual assignment."""
     group = consumer_group_config(settings) if group_id is not None else {}
     return KafkaConsumer(
-        bootstrap_servers=bootstrap_servers(settings.kafka_bootstrap_servers),
+        **connection_config(settings),
         client_id=client_id,
         group_id=group_id,
         enable_auto_commit=False,
@@ -93,9 +179,12 @@ def make_consumer(
     )
 
 
-def make_admin(bootstrap: str, timeout_ms: int) -> KafkaAdminClient:
+def make_admin(bootstrap: str, timeout_ms: int, settings: Settings | None = None) -> KafkaAdminClient:
+    """An admin client for ``bootstrap`` with ``settings``' security (None: plaintext, e.g. the embedded
+    broker)."""
+    security = {} if settings is None else connection_config(settings)
     return KafkaAdminClient(
-        bootstrap_servers=bootstrap_servers(bootstrap),
+        **(security | {"bootstrap_servers": bootstrap_servers(bootstrap)}),
         request_timeout_ms=timeout_ms,
         bootstrap_timeout_ms=timeout_ms,
         client_id="thumbtune-admin",
@@ -109,9 +198,8 @@ def reachable(servers: list[str], timeout: float = 0.5) -> bool:
     (and logs every refused retry) when nothing listens.
     """
     for server in servers:
-        host, _, port = server.rpartition(":") if ":" in server else (server, "", "9092")
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+            socket.create_connection(_host_port(server), timeout=timeout).close()
             return True
         except (OSError, ValueError):
             continue
@@ -119,9 +207,14 @@ def reachable(servers: list[str], timeout: float = 0.5) -> bool:
 
 
 def ensure_topics(
-    bootstrap: str, partitions: dict[str, int], timeout: float = 30, replication_factor: int = 1
+    bootstrap: str,
+    partitions: dict[str, int],
+    timeout: float = 30,
+    replication_factor: int = 1,
+    settings: Settings | None = None,
 ) -> None:
-    """Create the topics that do not exist yet; existing ones are left as they are.
+    """Create the topics that do not exist yet; existing ones are left as they are. ``settings``: the
+    connection's security (None: plaintext).
 
     Retries while the broker is still coming up, so it can run right after a broker starts. Raises
     RuntimeError naming the topics and the last error once ``timeout`` has passed, or at once when the
@@ -131,7 +224,7 @@ def ensure_topics(
     last_error: Exception | None = None
     while True:
         try:
-            admin = make_admin(bootstrap, timeout_ms=max(1000, min(10_000, int(timeout * 1000))))
+            admin = make_admin(bootstrap, max(1000, min(10_000, int(timeout * 1000))), settings)
             try:
                 missing = [t for t in partitions if t not in set(admin.list_topics())]
                 for topic in missing:

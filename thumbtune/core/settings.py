@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
@@ -54,6 +54,28 @@ class Settings(BaseSettings):
         description="Consumer max_poll_interval_ms; group joins take about this long. "
         "Raise it on Apache Kafka.",
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How every Kafka client connects: PLAINTEXT, SSL (TLS), SASL_SSL (TLS + SASL) or "
+        "SASL_PLAINTEXT.",
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA certificates (PEM) that sign the brokers' certificates; unset = the system's."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM) for brokers that require mutual TLS."
+    )
+    kafka_ssl_keyfile: Path | None = Field(None, description="The client certificate's private key (PEM).")
+    kafka_ssl_password: SecretStr | None = Field(None, description="Password of the private key, if any.")
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host connected to."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None,
+        description="SASL mechanism for SASL_SSL / SASL_PLAINTEXT: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (keep it in a Secret).")
     feedback_partitions: int = Field(
         3, ge=1, description="Partitions of thumbtune.feedback when thumbtune creates it."
     )
@@ -68,7 +90,12 @@ class Settings(BaseSettings):
     spool_max_events: int = Field(100_000, ge=1, description="Spool cap; past it feedback answers 503.")
 
     # --- adapters --------------------------------------------------------------------------------
-    adapter_store: str = Field("", description="Adapter store directory; default <cache_dir>/adapters.")
+    adapter_store: str = Field(
+        "",
+        description="Adapter store: a directory, or an object-store URL (s3://bucket/prefix, gs://..., "
+        "through fsspec; servers read versions through <cache_dir>/adapter-cache); default "
+        "<cache_dir>/adapters.",
+    )
     adapter_follow: bool = Field(
         True,
         description="Follow thumbtune.adapters and make each new version that passes its checks live, and "
@@ -175,6 +202,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Request body cap (413 past it).")
     max_context: int = Field(0, ge=0, description="Context window; 0 = the model's own.")
 
+    # --- rate limits (per API key; without keys, per client address) ---------------------------------
+    rate_limit_chat_per_min: float = Field(
+        0, ge=0, description="Chat requests a client may send per minute on average; 0 = no limit."
+    )
+    rate_limit_chat_burst: int = Field(10, ge=1, description="Chat requests a client may send at once.")
+    rate_limit_feedback_per_min: float = Field(
+        0, ge=0, description="Ratings a client may send per minute on average; 0 = no limit."
+    )
+    rate_limit_feedback_burst: int = Field(30, ge=1, description="Ratings a client may send at once.")
+
     log_level: str = Field("info", description="Log level.")
 
     @field_validator("lora_target_modules", "api_keys", mode="before")
@@ -184,6 +221,38 @@ class Settings(BaseSettings):
             return [part.strip() for part in v.split(",") if part.strip()]
         return v
 
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Self:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"THUMBTUNE_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "THUMBTUNE_KAFKA_SASL_MECHANISM, THUMBTUNE_KAFKA_SASL_USERNAME and "
+                "THUMBTUNE_KAFKA_SASL_PASSWORD"
+            )
+        if not sasl and self.kafka_sasl_mechanism:
+            raise ValueError(
+                f"THUMBTUNE_KAFKA_SASL_MECHANISM is set but THUMBTUNE_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}: use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        tls_files = {
+            "THUMBTUNE_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "THUMBTUNE_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "THUMBTUNE_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+        }
+        given = {name: path for name, path in tls_files.items() if path is not None}
+        if given and not self.kafka_security_protocol.endswith("SSL"):
+            raise ValueError(
+                f"{', '.join(given)} set but THUMBTUNE_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}: use SSL or SASL_SSL"
+            )
+        for name, path in given.items():
+            if not path.is_file():
+                raise ValueError(f"{name}={path}: no such file")
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ValueError("THUMBTUNE_KAFKA_SSL_KEYFILE is set without THUMBTUNE_KAFKA_SSL_CERTFILE")
+        return self
+
     @cached_property
     def spool_path(self) -> Path:
         return self.spool_dir or self.cache_dir / "spool"
@@ -191,6 +260,11 @@ class Settings(BaseSettings):
     @cached_property
     def adapter_store_path(self) -> str:
         return self.adapter_store or str(self.cache_dir / "adapters")
+
+    @cached_property
+    def adapter_cache_path(self) -> Path:
+        """Where servers and the learner keep local copies of versions from an object store."""
+        return self.cache_dir / "adapter-cache"
 
     @cached_property
     def api_key_values(self) -> frozenset[str]:

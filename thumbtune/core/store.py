@@ -8,8 +8,9 @@ last and renames the directory to ``v<N>``: a reader sees a whole version or non
 only a ``.tmp-*`` directory that `versions` ignores, and a rename never replaces an existing
 version (the target would be a non-empty directory), so versions are never overwritten.
 
-Only a local directory (or ``file://`` URL) is implemented. `make_adapter_store` is the one place
-that maps a URL to a store, so an object store (``s3://``) is one more class with the same methods.
+That is the directory store (a path or ``file://`` URL, the default). Object storage (``s3://``,
+``gs://``, ...) has no rename: thumbtune/core/object_store.py publishes there by writing the manifest last.
+`make_adapter_store` is the one place that maps a URL to a store; `AdapterStore` is what both offer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 from thumbtune.core.contract import MANIFEST, AdapterManifest, dumps, version_number
@@ -49,7 +51,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _files(root: Path) -> list[Path]:
+def relative_files(root: Path) -> list[Path]:
     """Every regular file under ``root``, as paths relative to it, sorted."""
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
@@ -86,6 +88,10 @@ class LocalAdapterStore:
         version_number(version)  # refuse anything that is not a version name (no path tricks)
         return self.root / version
 
+    def directory(self, version: str) -> Path:
+        """The version's files on local disk: here, where they are stored."""
+        return self.path(version)
+
     def read_manifest(self, version: str) -> AdapterManifest:
         path = self.path(version) / MANIFEST
         if not path.is_file():
@@ -115,12 +121,12 @@ class LocalAdapterStore:
             if (tmp / MANIFEST).exists():
                 raise ValueError(f"files_writer must not write {MANIFEST}; the store writes it last")
             hashes = {}
-            for rel in _files(tmp):
+            for rel in relative_files(tmp):
                 _fsync(tmp / rel)
                 hashes[rel.as_posix()] = sha256_file(tmp / rel)
             (tmp / MANIFEST).write_text(dumps(manifest.model_copy(update={"sha256": hashes})))
             _fsync(tmp / MANIFEST)
-            for sub in sorted({p.parent for p in _files(tmp)}, key=lambda p: -len(p.parts)):
+            for sub in sorted({p.parent for p in relative_files(tmp)}, key=lambda p: -len(p.parts)):
                 _fsync(tmp / sub)
             try:
                 os.rename(tmp, target)  # fails on an existing non-empty target: no overwrite
@@ -142,19 +148,32 @@ class LocalAdapterStore:
                 problems.append(f"{name}: missing")
             elif sha256_file(path) != digest:
                 problems.append(f"{name}: sha256 mismatch")
-        for rel in _files(directory):
+        for rel in relative_files(directory):
             name = rel.as_posix()
             if name != MANIFEST and name not in expected:
                 problems.append(f"{name}: not in the manifest")
         return problems
 
 
-AdapterStore = LocalAdapterStore
-"""The store interface the learner and the server use; today the local directory is the only kind."""
+class AdapterStore(Protocol):
+    """What the learner and the servers use of a store: `LocalAdapterStore` or
+    `thumbtune.core.object_store.FsspecAdapterStore`."""
+
+    def versions(self) -> list[str]: ...
+    def latest(self) -> str | None: ...
+    def next_version(self) -> str: ...
+    def read_manifest(self, version: str) -> AdapterManifest: ...
+    def write_version(
+        self, version: str, files_writer: Callable[[Path], None], manifest: AdapterManifest
+    ) -> Path | str: ...
+    def verify(self, version: str) -> list[str]: ...
+    def directory(self, version: str) -> Path: ...
 
 
-def make_adapter_store(uri: str) -> AdapterStore:
-    """A store for a directory path or a ``file://`` URL (THUMBTUNE_ADAPTER_STORE)."""
+def make_adapter_store(uri: str, cache_dir: str | Path | None = None) -> AdapterStore:
+    """The store THUMBTUNE_ADAPTER_STORE names: a directory path or ``file://`` URL, else an fsspec URL
+    (``s3://bucket/prefix``, ``gs://...``) whose versions are downloaded into ``cache_dir`` to be read
+    (default: ~/.cache/thumbtune/adapter-cache)."""
     if not uri:
         raise ValueError("adapter store URL is empty; give a directory (Settings.adapter_store_path has one)")
     parsed = urlparse(uri)
@@ -164,7 +183,7 @@ def make_adapter_store(uri: str) -> AdapterStore:
         return LocalAdapterStore(parsed.path)
     if parsed.scheme == "":
         return LocalAdapterStore(uri)
-    raise NotImplementedError(
-        f"adapter store scheme {parsed.scheme!r} ({uri}) is not supported yet; set THUMBTUNE_ADAPTER_STORE "
-        "to a directory or a file:// URL (an object store needs a class with LocalAdapterStore's methods)"
-    )
+    # lazy: fsspec and its filesystem load only for an object-store URL (and object_store builds on this module)
+    from thumbtune.core.object_store import FsspecAdapterStore
+
+    return FsspecAdapterStore(uri, cache_dir or Path("~/.cache/thumbtune/adapter-cache").expanduser())

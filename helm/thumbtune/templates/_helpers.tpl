@@ -68,6 +68,11 @@ learnerSettings, so that one value cannot say two things.
   "THUMBTUNE_API_KEYS" "set secrets.THUMBTUNE_API_KEYS or secrets.existingSecret"
   "THUMBTUNE_ADMIN_TOKEN" "set secrets.THUMBTUNE_ADMIN_TOKEN or secrets.existingSecret"
   "THUMBTUNE_REDIS_URL" "set secrets.THUMBTUNE_REDIS_URL or secrets.existingSecret"
+  "THUMBTUNE_KAFKA_SASL_PASSWORD" "set secrets.THUMBTUNE_KAFKA_SASL_PASSWORD or secrets.existingSecret"
+  "THUMBTUNE_KAFKA_SSL_PASSWORD" "set secrets.THUMBTUNE_KAFKA_SSL_PASSWORD or secrets.existingSecret"
+  "THUMBTUNE_KAFKA_SSL_CAFILE" "set kafkaTLS.secret (its ca.crt is mounted and used)"
+  "THUMBTUNE_KAFKA_SSL_CERTFILE" "set kafkaTLS.secret and kafkaTLS.clientCertificate"
+  "THUMBTUNE_KAFKA_SSL_KEYFILE" "set kafkaTLS.secret and kafkaTLS.clientCertificate"
   "THUMBTUNE_LEARNER_METRICS_HOST" "it is 0.0.0.0 in the pod"
   "THUMBTUNE_LEARNER_METRICS_PORT" "set learner.metricsPort"
 }}
@@ -90,9 +95,11 @@ learnerSettings, so that one value cannot say two things.
 
 {{/* Volumes and mounts every thumbtune pod has: the adapter store, the model cache, /tmp. */}}
 {{- define "thumbtune.commonVolumes" -}}
+{{- if not .Values.adapterStore.url }}
 - name: adapters
   persistentVolumeClaim:
     claimName: {{ include "thumbtune.adapterClaim" . }}
+{{- end }}
 - name: model-cache
 {{- if eq .Values.modelCache.type "persistentVolumeClaim" }}
   persistentVolumeClaim:
@@ -105,6 +112,11 @@ learnerSettings, so that one value cannot say two things.
 {{- end }}
 - name: tmp
   emptyDir: {}
+{{- with .Values.kafkaTLS.secret }}
+- name: kafka-tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
 {{- end }}
 
 {{/* Environment every thumbtune container has. Call with (dict "ctx" $). */}}
@@ -112,20 +124,49 @@ learnerSettings, so that one value cannot say two things.
 - name: THUMBTUNE_CACHE_DIR
   value: {{ .ctx.Values.modelCache.mountPath | quote }}
 - name: THUMBTUNE_ADAPTER_STORE
-  value: {{ .ctx.Values.adapterStore.mountPath | quote }}
+  value: {{ .ctx.Values.adapterStore.url | default .ctx.Values.adapterStore.mountPath | quote }}
+{{- range $name, $value := .ctx.Values.adapterStore.env }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" .ctx.Values.modelCache.mountPath | quote }}
 - name: HOME
   value: /tmp
+{{- range $key := list "THUMBTUNE_KAFKA_SASL_PASSWORD" "THUMBTUNE_KAFKA_SSL_PASSWORD" "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "thumbtune.secretName" $.ctx }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- if .ctx.Values.kafkaTLS.secret }}
+- name: THUMBTUNE_KAFKA_SSL_CAFILE
+  value: /etc/thumbtune/kafka-tls/ca.crt
+{{- if .ctx.Values.kafkaTLS.clientCertificate }}
+- name: THUMBTUNE_KAFKA_SSL_CERTFILE
+  value: /etc/thumbtune/kafka-tls/tls.crt
+- name: THUMBTUNE_KAFKA_SSL_KEYFILE
+  value: /etc/thumbtune/kafka-tls/tls.key
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Call with (dict "ctx" $ "readOnlyAdapters" true|false). */}}
 {{- define "thumbtune.commonMounts" -}}
+{{- if not .ctx.Values.adapterStore.url }}
 - name: adapters
   mountPath: {{ .ctx.Values.adapterStore.mountPath }}
   readOnly: {{ .readOnlyAdapters }}
+{{- end }}
 - name: model-cache
   mountPath: {{ .ctx.Values.modelCache.mountPath }}
 - name: tmp
   mountPath: /tmp
+{{- if .ctx.Values.kafkaTLS.secret }}
+- name: kafka-tls
+  mountPath: /etc/thumbtune/kafka-tls
+  readOnly: true
+{{- end }}
 {{- end }}
