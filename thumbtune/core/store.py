@@ -183,7 +183,7 @@ def make_adapter_store(uri: str, cache_dir: str | Path | None = None) -> Adapter
         return LocalAdapterStore(parsed.path)
     if parsed.scheme == "":
         return LocalAdapterStore(uri)
-    # lazy: fsspec and its filesystem load only for an object-store URL (and object_store builds on this module)
+    # lazy: fsspec's filesystems load only for an object-store URL (object_store builds on this module)
     from thumbtune.core.object_store import FsspecAdapterStore
 
     return FsspecAdapterStore(uri, cache_dir or Path("~/.cache/thumbtune/adapter-cache").expanduser())
