@@ -35,7 +35,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from thumbtune.core.contract import MANIFEST, AdapterManifest, dumps, version_number
-from thumbtune.core.store import VersionExists, relative_files, sha256_file
+from thumbtune.core.store import VersionExists, check_files, relative_files, sha256_file
 
 INSTALL_HINTS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
@@ -164,16 +164,7 @@ class FsspecAdapterStore:
         problems: list[str] = []
         for attempt in range(2):
             directory = self.directory(version)
-            problems = []
-            for name, digest in sorted(expected.items()):
-                path = directory / name
-                if not path.is_file():
-                    problems.append(f"{name}: missing")
-                elif sha256_file(path) != digest:
-                    problems.append(f"{name}: sha256 mismatch")
-            for rel in relative_files(directory):
-                if rel.as_posix() != MANIFEST and rel.as_posix() not in expected:
-                    problems.append(f"{rel.as_posix()}: not in the manifest")
+            problems = check_files(directory, expected)
             if not problems or attempt == 1:
                 break
             shutil.rmtree(directory, ignore_errors=True)

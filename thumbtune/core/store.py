@@ -56,6 +56,23 @@ def relative_files(root: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
 
+def check_files(directory: Path, expected: dict[str, str]) -> list[str]:
+    """Problems with the files under ``directory`` against a manifest's sha256 (name -> digest): missing,
+    mismatched, or not in the manifest; [] when intact. Every store's `verify`."""
+    problems = []
+    for name, digest in sorted(expected.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name}: sha256 mismatch")
+    for rel in relative_files(directory):
+        name = rel.as_posix()
+        if name != MANIFEST and name not in expected:
+            problems.append(f"{name}: not in the manifest")
+    return problems
+
+
 class LocalAdapterStore:
     """Adapter versions as directories under ``root`` (created on first use)."""
 
@@ -139,20 +156,7 @@ class LocalAdapterStore:
 
     def verify(self, version: str) -> list[str]:
         """Problems with a version's files against its manifest's sha256; [] when intact."""
-        directory = self.path(version)
-        expected = self.read_manifest(version).sha256
-        problems = []
-        for name, digest in sorted(expected.items()):
-            path = directory / name
-            if not path.is_file():
-                problems.append(f"{name}: missing")
-            elif sha256_file(path) != digest:
-                problems.append(f"{name}: sha256 mismatch")
-        for rel in relative_files(directory):
-            name = rel.as_posix()
-            if name != MANIFEST and name not in expected:
-                problems.append(f"{name}: not in the manifest")
-        return problems
+        return check_files(self.path(version), self.read_manifest(version).sha256)
 
 
 class AdapterStore(Protocol):
