@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from learner.average import load_trained_weights, lora_parameters
 from learner.config import LearnerSettings
 from learner.policy import ADAPTER_NAME, Policy, resolve_device, resolve_precision
+from learner.raters import RaterWindow
 from learner.reward_model import RewardModel
 from learner.rollout import PromptPool
 from learner.update import LearnerState, finite
@@ -199,10 +200,12 @@ def resume_state(policy: Policy, directory: Path, learner_settings: LearnerSetti
 
 
 def new_state(policy: Policy, learner_settings: LearnerSettings) -> LearnerState:
-    """A fresh `LearnerState` with the configured reward model and prompt pool (a resume loads into it)."""
+    """A fresh `LearnerState` with the configured reward model, prompt pool and rater window (a resume loads
+    into it)."""
     state = LearnerState.create(policy, learner_settings, learner_settings.seed)
     state.reward_model = new_reward_model(policy, learner_settings)
     state.prompts = PromptPool(learner_settings.prompt_pool)
+    state.raters = RaterWindow(learner_settings.rater_window)
     return state
 
 

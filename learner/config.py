@@ -198,6 +198,29 @@ class LearnerSettings(PPOConfig, BaseSettings):
         256, ge=1, description="Distinct user prompts kept to sample from (the newest; kept across restarts)."
     )
 
+    # --- rater influence limits (learner/raters.py) -------------------------------------------------------
+    rater_cap: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Largest share of an update's human-rating weight, and of the newest rater_window "
+        "ratings, that one rater may have; a rater over it has its ratings down-weighted to it (with K "
+        "raters the cap is at least 1/K: equal shares). 1 = no cap.",
+    )
+    rater_window: int = Field(
+        512, ge=1, description="Newest human ratings over which each rater's share is also capped."
+    )
+    rater_identity: Literal["key", "user"] = Field(
+        "key",
+        description="Who counts as a rater: 'key' = the API key that rated; 'user' = the chat request's user "
+        "field (else the key), only where a trusted front end sets it: clients can send any user.",
+    )
+    rater_normalise: bool = Field(
+        False,
+        description="Centre and scale each rater's rewards by their own mean and spread over rater_window "
+        "(shrunk toward everyone's), so a rater who approves everything adds little signal.",
+    )
+
     # --- process ------------------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")
     precision: Literal["auto", "bfloat16", "float32"] = Field(

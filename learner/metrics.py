@@ -218,6 +218,29 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
         "reward_model_update_seconds",
         "Reward model: scoring and fitting the last batch, features included.",
     ),
+    # rater influence limits (learner/raters.py)
+    "raters.top_share": (
+        "rater_top_share",
+        "The largest rater's share of the last update's human ratings, before the cap.",
+    ),
+    "raters.top_share_capped": (
+        "rater_top_share_capped",
+        "The largest rater's share of the last update's human-rating weight, after the cap.",
+    ),
+    "raters.window_top_share": (
+        "rater_window_top_share",
+        "The largest rater's share of the newest rater_window human ratings, before the cap.",
+    ),
+    "raters.window_top_share_capped": (
+        "rater_window_top_share_capped",
+        "The largest rater's share of the newest rater_window human ratings, after the cap.",
+    ),
+    "raters.window": ("raters_in_window", "Distinct raters among the newest rater_window human ratings."),
+    "raters.capped": ("raters_capped", "Raters whose ratings were down-weighted in the last update."),
+    "raters.weight_removed": (
+        "rater_weight_removed",
+        "Ratings' worth of weight the cap took off the last update (sum of 1 - u_i).",
+    ),
 }
 _DIAGNOSTIC_GAUGES = {
     name: Gauge(f"thumbtune_learner_{suffix}", help_, registry=REGISTRY)

@@ -97,16 +97,20 @@ class Sample:
     reward: float
     centred: bool = False
     """The reward already has its baseline subtracted (a rollout's leave-one-out baseline, rollout.py)."""
+    weight: float = 1.0
+    """u_i: how much the answer counts in the policy loss (its rater's capped share, learner/raters.py)."""
 
     @classmethod
-    def of(cls, event: FeedbackEvent) -> Sample:
+    def of(cls, event: FeedbackEvent, reward: float | None = None, weight: float = 1.0) -> Sample:
+        """A human-rated answer, with its event's reward unless ``reward`` is given (normalised per rater)."""
         return cls(
             event.event_id,
             event.prompt_token_ids,
             event.response_token_ids,
             event.behaviour_logprobs,
             event.sampling.logprob_temperature,
-            event.reward,
+            event.reward if reward is None else reward,
+            weight=weight,
         )
 
 
@@ -124,10 +128,13 @@ class Batch:
     temperatures: Tensor  # [B] SamplingParams.logprob_temperature
     event_ids: list[str]  # the sample ids: event ids of human-rated answers
     centred: Tensor | None = None  # [B] bool, Sample.centred (None given: no row is)
+    weights: Tensor | None = None  # [B] Sample.weight (None given: all 1)
 
     def __post_init__(self) -> None:
         if self.centred is None:
             self.centred = torch.zeros(len(self.event_ids), dtype=torch.bool)
+        if self.weights is None:
+            self.weights = torch.ones(len(self.event_ids))
 
     @classmethod
     def from_events(cls, events: list[FeedbackEvent], pad_id: int) -> Batch:
@@ -161,6 +168,7 @@ class Batch:
             temperatures=torch.tensor([e.temperature for e in events]),
             event_ids=[e.sample_id for e in events],
             centred=torch.tensor([e.centred for e in events], dtype=torch.bool),
+            weights=torch.tensor([e.weight for e in events], dtype=torch.float32),
         )
 
     def __len__(self) -> int:
@@ -181,6 +189,7 @@ class Batch:
             temperatures=self.temperatures[index],
             event_ids=[self.event_ids[i] for i in index.tolist()],
             centred=self.centred[index],
+            weights=self.weights[index],
         )
 
     def to(self, device: torch.device) -> Batch:

@@ -16,8 +16,8 @@ Losses (InstructGPT, Ouyang et al. 2022; Stiennon et al. 2020; pointwise as in S
 
 A comparison counts once: the C(K, 2) pairs of a K-answer ranking share its weight, c_p = 1 / C(K, 2), as
 InstructGPT keeps a ranking's pairs together (the K - 1 pairs of a best-of-K choice likewise, 1 / (K - 1)).
-u_mi ~ Poisson(1) is head m's online-bootstrap weight of rating i (Oza and Russell 2001), drawn once, so
-every head fits its own resample and the heads disagree where the ratings are thin:
+u_mi ~ Poisson(1) x rater weight (learner/raters.py) is head m's online-bootstrap weight of rating i (Oza and
+Russell 2001), drawn once, so every head fits its own resample and the heads disagree where ratings are thin:
 
     mean(x, y) = 1/M sum_m r_m        spread(x, y) = std_m r_m        pessimistic = mean - kappa * spread
 
@@ -292,13 +292,16 @@ class RewardModel:
         point = torch.tensor([y is not None for y in labels], dtype=torch.bool)
         return torch.tensor([0.5 if y is None else y for y in labels]), point
 
-    def observe(self, events: list[FeedbackEvent], features: Tensor) -> dict[str, float]:
-        """Score ``events`` (features [B, D] in the same order) before training on them, then keep them and
-        refit. Returns this batch's prequential figures, the run's so far (``run_*``) and the fit's loss."""
+    def observe(
+        self, events: list[FeedbackEvent], features: Tensor, weights: Tensor | None = None
+    ) -> dict[str, float]:
+        """Score ``events`` (features [B, D], rater ``weights`` [B], default 1) before training on them, then
+        keep and refit. Returns the batch's prequential figures, the run's (``run_*``) and the fit's loss."""
         new = [Rated.of(e) for e in events]
         known = {r.response_id for r in self.rated}
         keep = [i for i, r in enumerate(new) if r.response_id not in known]  # a repeat rates nothing new
         new, features = [new[i] for i in keep], features[keep]
+        weights = torch.ones(len(new)) if weights is None else weights.float()[keep]
         if not new:
             return {}
         rated = self.rated + new
@@ -322,7 +325,7 @@ class RewardModel:
             self.recent.extend(((winners > losers).double() + 0.5 * (winners == losers).double()).tolist())
 
         # keep the newest `capacity` answers, with bootstrap weights drawn once for each
-        draws = torch.poisson(torch.ones(self.ensemble.heads, len(new)), generator=self.generator)
+        draws = torch.poisson(torch.ones(self.ensemble.heads, len(new)), generator=self.generator) * weights
         self.rated, self.features = rated, all_features
         self.bootstrap = torch.cat([self.bootstrap, draws], dim=1)
         if len(self.rated) > self.capacity:
@@ -333,12 +336,8 @@ class RewardModel:
                 self.bootstrap[:, drop:],
             )
         loss = self.refit()
-        return {
-            **figures,
-            **{f"run_{k}": v for k, v in self.run_figures().items()},
-            "fit_loss": loss,
-            "answers": float(len(self)),
-        }
+        run = {f"run_{k}": v for k, v in self.run_figures().items()}
+        return figures | run | {"fit_loss": loss, "answers": float(len(self))}
 
     def refit(self) -> float:
         labels, point = self._tensors(self.rated)

@@ -41,6 +41,7 @@ from learner.control import Refusal, Refusals, restored
 from learner.events import SkipCounter, parse_event, stale_reason, validate_event
 from learner.policy import Batch, Sample, features
 from learner.ptx import PTX_TEXT, PretrainingMix
+from learner.raters import limit
 from learner.rollout import pessimistic_reward, rollouts, scored
 from learner.update import CPU_FORWARD_TOKENS, ppo_update, row_chunks
 from thumbtune.core.base_model import LoadedBase, load_base
@@ -71,6 +72,8 @@ LOGGED = (
     "signal.reward_model_share",
     "rollout.reward",
     "rollout.sample_s",
+    "raters.top_share",
+    "raters.top_share_capped",
 )
 
 
@@ -147,16 +150,26 @@ class Learner:
         first (`step_off_refused`).
         """
         self.step_off_refused()
-        reward_model = self._fit_reward_model(events)  # every human rating, stale or not
+        ls = self.learner_settings
+        limited = limit(  # one weight per rating: no rater over its capped share (learner/raters.py)
+            events,
+            self.state.raters,
+            cap=ls.rater_cap,
+            identity=ls.rater_identity,
+            normalise=ls.rater_normalise,
+        )
+        reward_model = self._fit_reward_model(events, limited.weights)  # every human rating, stale or not
         self.state.prompts.add(events)
+        per_event = zip(limited.rewards, limited.weights, strict=True)
+        limits = {e.event_id: rw for e, rw in zip(events, per_event, strict=True)}
         events = self.drop_stale(events)
         if not events:
             log.warning("no fresh events left in the batch; no version written")
             return None
         signal = self.signal()
-        human = [Sample.of(e) for e in events] if signal in ("direct", "both") else []
+        human = [Sample.of(e, *limits[e.event_id]) for e in events] if signal in ("direct", "both") else []
         own, figures = self._rollouts() if signal in ("reward_model", "both") else ([], {})
-        return self._update(human, own, events, offsets, reward_model | figures)
+        return self._update(human, own, events, offsets, reward_model | figures | limited.diagnostics)
 
     def refine(self, offsets: dict[str, int] | None = None) -> str | None:
         """One update on the learner's own answers alone, scored by the reward model, between human batches;
@@ -302,14 +315,16 @@ class Learner:
             [features(self.policy, batch.subset(rows)) for rows in row_chunks(batch, index, max_tokens)]
         )
 
-    def _fit_reward_model(self, events: list[FeedbackEvent]) -> dict[str, float]:
-        """Score the batch with the reward model as it is (prequential), then fit it on the batch too;
-        the figures as ``reward_model.*`` diagnostics. The base's features cost one no-grad pass."""
+    def _fit_reward_model(self, events: list[FeedbackEvent], weights: list[float]) -> dict[str, float]:
+        """Score the batch with the reward model as it is (prequential), then fit it on the batch too, each
+        rating at its rater weight; the figures as ``reward_model.*`` diagnostics. The base's features cost
+        one no-grad pass."""
         model = self.state.reward_model
         if model is None or not events:
             return {}
         started = time.perf_counter()
-        figures = model.observe(events, self._features(Batch.from_events(events, self.pad_id)))
+        features = self._features(Batch.from_events(events, self.pad_id))
+        figures = model.observe(events, features, torch.tensor(weights))
         figures["recent_accuracy"], _ = model.recent_accuracy()
         figures["trusted"] = float(model.trusted(self.learner_settings.reward_model_min_accuracy))
         figures["update_s"] = time.perf_counter() - started

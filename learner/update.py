@@ -8,6 +8,7 @@
     3. r_t = -beta * k(pi_old, pi_ref) + [t = last] * R~      (k = k1 or k3, PPOConfig.kl_penalty)
     4. A, returns = GAE(r, V_old; gamma = 1, lambda);  A whitened over the batch
     5. w_t = min(c, pi_old(a_t) / pi_b(a_t))   (truncated importance weight, both at the event's T)
+                                    times u_i, the answer's rater weight (learner/raters.py; 1 for rollouts)
     6. K epochs x minibatches of  loss = w * clipped surrogate + c_v * clipped value loss - c_e * H
                                   + c_kl * exact KL(pi_theta || pi_ref) per token (off unless c_kl > 0)
                                   - gamma * mean_t log pi_theta(x_t) on pretraining text (learner/ptx.py),
@@ -53,6 +54,7 @@ from learner.ppo import (
     truncated_importance_weights,
 )
 from learner.ptx import PretrainingMix
+from learner.raters import RaterWindow
 from learner.reward_model import RewardModel
 from learner.rollout import PromptPool
 from thumbtune.core.divergence import exact_kl, kl_k3
@@ -79,6 +81,8 @@ class LearnerState:
     """The reward model fitted on every human rating so far (learner/reward_model.py); None: none."""
     prompts: PromptPool = field(default_factory=lambda: PromptPool(256))
     """The newest distinct prompts users sent, which the learner answers itself (learner/rollout.py)."""
+    raters: RaterWindow = field(default_factory=lambda: RaterWindow(512))
+    """Who rated the newest human ratings, for the rater caps over a window (learner/raters.py)."""
 
     @classmethod
     def create(cls, policy: Policy, cfg: PPOConfig, seed: int = 0) -> LearnerState:
@@ -102,6 +106,7 @@ class LearnerState:
             **({"trained_weights": trained_weights(self.average.params)} if self.average else {}),
             **({"reward_model": self.reward_model.state_dict()} if self.reward_model else {}),
             "prompts": self.prompts.state_dict(),
+            "raters": self.raters.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -118,6 +123,7 @@ class LearnerState:
         if self.reward_model is not None and "reward_model" in state:
             self.reward_model.load_state_dict(state["reward_model"])
         self.prompts.load_state_dict(state.get("prompts", []))
+        self.raters.load_state_dict(state.get("raters", []))
 
 
 CPU_FORWARD_TOKENS = 1024
@@ -234,7 +240,7 @@ def ppo_update(
                     returns[part, cols],
                     mb.mask,
                     cfg,
-                    is_weights=is_weights[part, cols],
+                    is_weights=is_weights[part, cols] * mb.weights[:, None],
                     entropy=new.entropy,
                     kl_ref=kl_to_ref,
                 )

@@ -58,6 +58,8 @@ class Prepared:
     key_id: str | None
     model_name: str
     created: int
+    user: str | None = None
+    """The request's ``user`` field: the canary's subject, and the events' ``user``."""
 
     @property
     def adapter(self) -> str:
@@ -125,6 +127,7 @@ class ChatService:
             key_id,
             req.model,
             int(time.time()),
+            req.user,
         )
 
     # --- running ---------------------------------------------------------------------------------
@@ -160,6 +163,7 @@ class ChatService:
                 response_id=rid,
                 completion_id=p.completion_id,
                 api_key_id=p.key_id,
+                user=p.user,
                 answered_at=now,
                 base_model=self.rt.model_id,
                 base_fingerprint=self.rt.fingerprint,

@@ -45,6 +45,7 @@ class StoredCompletion(BaseModel):
     response_id: str
     completion_id: str
     api_key_id: str | None
+    user: str | None = Field(default=None, description="The request's ``user`` field (None: not sent).")
     answered_at: float
     base_model: str
     base_fingerprint: str

@@ -44,6 +44,15 @@ def test_thumb_event_carries_tokens_logprobs_and_version(client, broker) -> None
     assert ev.finish_reason == choice["finish_reason"]
 
 
+def test_the_requests_user_field_travels_with_its_ratings(client, broker) -> None:  # noqa: ANN001
+    alice = answer(client, user="alice")["id"]
+    anonymous = answer(client)["id"]
+    for rid in (alice, anonymous):
+        assert client.post("/v1/feedback", json={"response_id": rid, "thumb": "up"}).status_code == 202
+    events = events_of(client, broker, {alice, anonymous}, 2)
+    assert events[alice].user == "alice" and events[anonymous].user is None  # for the learner's rater caps
+
+
 @pytest.mark.parametrize(("rating", "reward"), [(1, -1.0), (2, -0.5), (3, 0.0), (4, 0.5), (5, 1.0)])
 def test_rating_maps_to_reward(client, broker, rating: int, reward: float) -> None:  # noqa: ANN001
     rid = answer(client)["id"]

@@ -108,9 +108,10 @@ def reward_for(kind: FeedbackKind, value: str | int, ranking_size: int | None = 
     return {"chosen": 1.0, "rejected": -1.0}[str(value)]
 
 
-RANKING_FIELDS = ("ranking_id", "ranking_size")
-"""`FeedbackEvent` fields only a ranking's events carry (left out of the others' JSON, which stays as it
-was before rankings existed, so learners that predate them still read thumbs, ratings and choices)."""
+OPTIONAL_FIELDS = ("ranking_id", "ranking_size", "user")
+"""`FeedbackEvent` fields left out of the JSON when they are None (a ranking's fields on other kinds, the
+``user`` of a request that sent none), so events without them stay as they were before these fields existed
+and learners that predate them still read thumbs, ratings and choices."""
 
 
 class FeedbackEvent(BaseModel):
@@ -127,7 +128,13 @@ class FeedbackEvent(BaseModel):
     response_id: str
     completion_id: str = Field(description="The chat.completion id; the choices of one request share it.")
     api_key_id: str | None = Field(
-        description="sha256 prefix of the API key that got the answer; None without auth."
+        description="sha256 prefix of the API key that got (and rated) the answer; None without auth."
+    )
+    user: str | None = Field(
+        default=None,
+        max_length=256,
+        description="The chat request's ``user`` field, as the client sent it (unverified). The learner "
+        "counts it as the rater only when told to trust it (THUMBTUNE_LEARNER_RATER_IDENTITY=user).",
     )
     answered_at: float
     rated_at: float
@@ -176,7 +183,7 @@ class FeedbackEvent(BaseModel):
         return self.response_id.encode()
 
     def to_bytes(self) -> bytes:
-        absent = {name for name in RANKING_FIELDS if getattr(self, name) is None}
+        absent = {name for name in OPTIONAL_FIELDS if getattr(self, name) is None}
         return self.model_dump_json(exclude=absent).encode()
 
     @classmethod
