@@ -246,6 +246,53 @@ def bench_canary(
         raise typer.BadParameter(str(exc)) from exc
 
 
+@app.command("poison")
+def bench_poison(
+    out: Path = typer.Option(Path("artifacts/bench-poison"), help="Where OUT/<arm>/ and poison.json go."),
+    arms: str = typer.Option(
+        "clean,caps-off,caps-on",
+        help="Which runs, in order: clean (honest users alone), caps-off and caps-on (plus the attacker).",
+    ),
+    rule: str = typer.Option("concise", help="How the honest users rate. " + RULE_HELP),
+    attacker_rule: str = typer.Option("verbose", help="How the attacking key rates."),
+    thumbs: int = typer.Option(480, min=1, help="Honest ratings per run (the attacker's come on top)."),
+    users: int = typer.Option(
+        4, min=1, help="Honest users, each with a key of its own (the attacker: as many)."
+    ),
+    eval_every: int = typer.Option(
+        160, min=1, help="Evaluate the version after every N honest ratings (and the base and the last)."
+    ),
+    samples_per_prompt: int = typer.Option(2, min=1, help="Answers sampled per held-out prompt per version."),
+    temperature: float = typer.Option(1.0, min=0.0, max=2.0, help="Sampling temperature of users and eval."),
+    max_tokens: int = typer.Option(48, min=1, help="max_tokens of users and eval."),
+    seed: int = typer.Option(0, help="Seed of the users and the evaluation (the same in every arm)."),
+) -> None:
+    """The poisoning drill: honest users' approval with and without one key sending half the ratings by the
+    opposite rule, with the rater caps on and off."""
+    from benchmarks.poison import (
+        parse_arms,
+        run,
+    )  # lazy: start-up time (torch), for every `thumbtune` command
+
+    try:
+        run(
+            configure(),
+            arms=parse_arms(arms),
+            out=out,
+            rule=rule,
+            attacker_rule=attacker_rule,
+            thumbs=thumbs,
+            users=users,
+            eval_every=eval_every,
+            samples_per_prompt=samples_per_prompt,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 @app.command("canary-replay")
 def bench_canary_replay(
     seeds: int = typer.Option(1000, min=1, help="Replayed drills, one seed each."),

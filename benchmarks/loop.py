@@ -22,19 +22,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import statistics
-import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from benchmarks.evaluate import Evaluator, activate_version
+from benchmarks.system import EmbeddedSystem
 from learner.config import LearnerSettings
-from thumbtune.cli.process import ChildProcess, free_port
-from thumbtune.cli.rules import load_rule
+from thumbtune.cli.rules import Rule, load_rule
 from thumbtune.cli.simulate import Report, Simulator, load_prompts, progress_printer
 from thumbtune.core.base_model import load_base
 from thumbtune.core.contract import BASE_VERSION, AdapterManifest
@@ -42,75 +40,6 @@ from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
 
 TARGET_APPROVAL = 0.8
-READY_LINE = "thumbtune is ready"
-
-
-class EmbeddedSystem:
-    """`thumbtune up` as a child process on free ports, its adapter store and spool under `root`; its output
-    goes to ``log_path``, and the lines worth watching (`up`'s, new versions, refusals) to stdout too.
-    ``env`` adds to (and wins over) this process's environment, e.g. a learner setting."""
-
-    def __init__(self, root: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.store = root / "adapters"
-        if self.store.exists() and any(self.store.iterdir()):
-            raise ValueError(f"{self.store} already holds adapter versions: give bench loop a new --out")
-        self.port, broker_port, metrics_port = free_port(), free_port(), free_port()
-        self.env = dict(
-            os.environ,
-            PYTHONUNBUFFERED="1",
-            THUMBTUNE_HOST="127.0.0.1",
-            THUMBTUNE_PORT=str(self.port),
-            THUMBTUNE_BROKER_HOST="127.0.0.1",
-            THUMBTUNE_BROKER_PORT=str(broker_port),
-            THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{broker_port}",
-            THUMBTUNE_ADAPTER_STORE=str(self.store),
-            THUMBTUNE_SPOOL_DIR=str(root / "spool"),
-            THUMBTUNE_LEARNER_METRICS_HOST="127.0.0.1",
-            THUMBTUNE_LEARNER_METRICS_PORT=str(metrics_port),
-            **(env or {}),
-        )
-        self.log_path = log_path
-        self.child: ChildProcess | None = None
-        self._sigterm_before: object = None
-        self._sigterm_installed = False
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _line(self, line: str) -> None:
-        self.log.write(line)
-        self.log.flush()
-        if "[up]" in line or " version v" in line or "refused" in line or "training on " in line:
-            print(line.rstrip(), flush=True)
-
-    def __enter__(self) -> EmbeddedSystem:
-        self.log = self.log_path.open("w", encoding="utf-8")
-        # `up` stops everything if bench loop dies without cleaning up (ChildProcess: parent-death signal)
-        self.child = ChildProcess(
-            "thumbtune up", [sys.executable, "-m", "thumbtune.cli", "up"], env=self.env, on_line=self._line
-        ).start()
-        if threading.current_thread() is threading.main_thread():
-            # SIGTERM (e.g. `timeout`, a CI runner) unwinds through __exit__ like Ctrl-C, stopping the system
-            self._sigterm_before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-            self._sigterm_installed = True
-        try:
-            self.child.wait_line(READY_LINE, 900)
-        except BaseException as exc:  # not ready, Ctrl-C or SIGTERM: `with` will not call __exit__ for us
-            self.__exit__(None, None, None)
-            if isinstance(exc, Exception):
-                raise RuntimeError(f"thumbtune up did not become ready ({exc}); see {self.log_path}") from exc
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._sigterm_installed:
-            signal.signal(signal.SIGTERM, self._sigterm_before or signal.SIG_DFL)
-            self._sigterm_installed = False
-        if self.child is not None:
-            self.child.stop(grace=60)
-        self.log.close()
 
 
 def _median_of(rows: list[dict], diagnostic: str) -> float | None:
@@ -119,17 +48,13 @@ def _median_of(rows: list[dict], diagnostic: str) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _manifests(store: Path) -> list[AdapterManifest]:
     """Every complete version's manifest, oldest first."""
     versions = LocalAdapterStore(store)
     return [versions.read_manifest(v) for v in versions.versions()]
 
 
-def _wait_for_trained(store: Path, events_sent: int, batch_size: int, timeout_s: float) -> None:
+def wait_for_trained(store: Path, events_sent: int, batch_size: int, timeout_s: float) -> None:
     """Give the learner time to write the version whose batch the last ratings completed."""
     expected = (events_sent // batch_size) * batch_size
     deadline = time.monotonic() + timeout_s
@@ -275,7 +200,6 @@ def run(
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
     }
-    train, heldout = load_prompts("train"), load_prompts("heldout")
     sim = Simulator(
         "",
         judge,
@@ -286,7 +210,7 @@ def run(
         rank=rank,
         temperature=temperature,
         max_tokens=max_tokens,
-        prompts=train,
+        prompts=load_prompts("train"),
         seed=seed,
         think_s=think_s,
         population=1000 if canary_share else None,
@@ -300,18 +224,55 @@ def run(
             sim.url = system.url
             report = sim.run()
             events_sent = sum(len(r.event_ids) for r in report.ratings)
-            _wait_for_trained(store, events_sent, LearnerSettings().batch_size, 180)
+            wait_for_trained(store, events_sent, LearnerSettings().batch_size, 180)
     else:
         store = Path(adapter_store or settings.adapter_store_path)
         sim.url = url.rstrip("/")
         report = sim.run()
     report.write_jsonl(out / "ratings.jsonl")
+
+    def every_nth(ends: list[dict]) -> list[dict]:
+        return [r for i, r in enumerate(ends, 1) if i % eval_every == 0 or i == len(ends)]
+
+    return measure(
+        settings,
+        report,
+        store,
+        out,
+        config,
+        judge=judge,
+        choose=every_nth,
+        samples_per_prompt=samples_per_prompt,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
+
+
+def measure(
+    settings: Settings,
+    report: Report,
+    store: Path,
+    out: Path,
+    config: dict,
+    *,
+    judge: Rule,
+    choose: Callable[[list[dict]], list[dict]],
+    samples_per_prompt: int,
+    temperature: float,
+    max_tokens: int,
+    seed: int,
+) -> dict:
+    """Steps 3-4: evaluate the base and the versions ``choose`` picks from the human batches' last versions
+    (`batch_ends`) on the held-out prompts, write results.json and learning.png, print the summary. The
+    ratings in ``report`` are the ones counted: a version's ``thumbs`` are how many of them it trained on."""
+    heldout = load_prompts("heldout")
     started_at = report.started_at
     rows = version_rows(report, _manifests(store), started_at)
     start_version = report.ratings[0].adapter_version if report.ratings else BASE_VERSION
 
     print(
-        f"[bench loop] {len(report.ratings)} ratings, {len(rows)} new versions; evaluating each on "
+        f"[bench loop] {len(report.ratings)} ratings, {len(rows)} new versions; evaluating some on "
         f"{len(heldout)} held-out prompts x {samples_per_prompt} samples + the capability probe",
         flush=True,
     )
@@ -320,8 +281,7 @@ def run(
 
     model = None
     evaluated = []
-    ends = batch_ends(rows)
-    chosen = [r for i, r in enumerate(ends, 1) if i % eval_every == 0 or i == len(ends)]
+    chosen = choose(batch_ends(rows))
     for row in [{"version": start_version, "thumbs": 0, "wall_s": 0.0, "feedback_to_live_s": None}, *chosen]:
         version = row["version"]
         t0 = time.perf_counter()

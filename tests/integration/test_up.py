@@ -87,7 +87,7 @@ def test_up_serves_and_stops_everything_on_sigterm(tiny_model_dir, tmp_path) -> 
 EMBEDDED_SYSTEM = """
 import sys, time
 from pathlib import Path
-from benchmarks.loop import EmbeddedSystem
+from benchmarks.system import EmbeddedSystem
 
 root = Path(sys.argv[1])
 root.mkdir(parents=True)

@@ -132,7 +132,10 @@ def simulate(
     max_tokens: int = typer.Option(48, min=1, help="max_tokens of the requests."),
     prompts: str = typer.Option("train", help="Bundled prompt set (train, heldout) or a file, one per line."),
     api_key: str = typer.Option(
-        None, envvar="THUMBTUNE_API_KEY", help="Bearer key when the server has keys."
+        None,
+        envvar="THUMBTUNE_API_KEY",
+        help="Bearer key when the server has keys; several, comma-separated, give the users one each "
+        "(round-robin), so each counts as its own rater.",
     ),
     seed: int = typer.Option(0, help="Seed of the prompt choice and the noise."),
     think_s: float = typer.Option(
@@ -165,7 +168,7 @@ def simulate(
         temperature=temperature,
         max_tokens=max_tokens,
         prompts=prompt_set,
-        api_key=api_key,
+        api_key=api_key.split(",") if api_key and "," in api_key else api_key,
         seed=seed,
         think_s=think_s,
         population=population,

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 Rule = Callable[[str, str], "bool | float"]
 RULE_HELP = (
-    "How users rate: concise (<= 30 words), no-lists, polite, on-topic (uses 3 of the prompt's words), or "
+    "How users rate: concise (<= 30 words), no-lists, polite, on-topic (uses 3 of the prompt's words), "
+    "verbose (> 40 words: the poisoning drill's attacker), or "
     "package.module:function"
     "(prompt, response) -> bool | float in [0, 1] (a float becomes a 1-5 rating); not:RULE inverts one."
 )
@@ -31,6 +32,7 @@ _COURTESY = re.compile(
 _RUDE = re.compile(r"\b(stupid|dumb|idiot|shut up|whatever|obviously)\b", re.IGNORECASE)
 
 CONCISE_MAX_WORDS = 30
+VERBOSE_MIN_WORDS = 40
 ON_TOPIC_WORDS = 3
 _CONTENT_WORD = re.compile(r"[A-Za-z']{4,}")
 _FUNCTION_WORDS = frozenset(
@@ -48,6 +50,11 @@ def words(text: str) -> int:
 def concise(prompt: str, response: str) -> bool:
     """Approve answers of at most 30 words (and not empty)."""
     return 0 < words(response) <= CONCISE_MAX_WORDS
+
+
+def verbose(prompt: str, response: str) -> bool:
+    """Approve answers of over 40 words: the opposite taste to `concise`, the poisoning drill's attacker."""
+    return words(response) > VERBOSE_MIN_WORDS
 
 
 def no_lists(prompt: str, response: str) -> bool:
@@ -71,7 +78,13 @@ def on_topic(prompt: str, response: str) -> bool:
     return len(content_words(prompt) & content_words(response)) >= ON_TOPIC_WORDS
 
 
-BUILTIN: dict[str, Rule] = {"concise": concise, "no-lists": no_lists, "polite": polite, "on-topic": on_topic}
+BUILTIN: dict[str, Rule] = {
+    "concise": concise,
+    "no-lists": no_lists,
+    "polite": polite,
+    "on-topic": on_topic,
+    "verbose": verbose,
+}
 
 
 def inverted(rule: Rule) -> Rule:

@@ -115,7 +115,7 @@ class Simulator:
         temperature: float = 1.0,
         max_tokens: int = 48,
         prompts: list[str] | None = None,
-        api_key: str | None = None,
+        api_key: str | list[str] | None = None,
         model: str = "thumbtune",
         seed: int = 0,
         timeout_s: float = 300.0,
@@ -138,7 +138,10 @@ class Simulator:
         self.users, self.thumbs, self.noise, self.choice, self.rank = users, thumbs, noise, choice, rank
         self.temperature, self.max_tokens, self.model = temperature, max_tokens, model
         self.prompts = prompts or load_prompts("train")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+        self.headers = [{"Authorization": f"Bearer {key}"} for key in keys] or [{}]
+        """Per user (user i sends ``headers[i % len]``): one API key for all, or each user its own,
+        round-robin (so each counts as a rater of its own for the learner's rater caps)."""
         self.rng = random.Random(seed)
         self.timeout_s = timeout_s
         self.think_s = think_s
@@ -161,9 +164,7 @@ class Simulator:
     async def run_async(self) -> Report:
         self.report.started_at = time.time()
         limits = httpx.Limits(max_connections=self.users + 2, max_keepalive_connections=self.users + 2)
-        async with httpx.AsyncClient(
-            base_url=self.url, headers=self.headers, limits=limits, timeout=self.timeout_s
-        ) as client:
+        async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=self.timeout_s) as client:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for i in range(self.users):
@@ -175,10 +176,11 @@ class Simulator:
 
     async def _user(self, client: httpx.AsyncClient, index: int) -> None:
         rng = random.Random(self.rng.random() + index)
+        headers = self.headers[index % len(self.headers)]
         while self._reserved < self.thumbs:
             self._reserved += 1
             try:
-                rating = await self._one(client, rng)
+                rating = await self._one(client, rng, headers)
             except SimulationError:
                 raise
             except Exception as exc:  # a failed exchange is counted, never rated
@@ -192,7 +194,7 @@ class Simulator:
             if self.think_s and self._reserved < self.thumbs:
                 await asyncio.sleep(self.think_s)
 
-    async def _one(self, client: httpx.AsyncClient, rng: random.Random) -> Rating:
+    async def _one(self, client: httpx.AsyncClient, rng: random.Random, headers: dict[str, str]) -> Rating:
         prompt = rng.choice(self.prompts)
         sent_at = time.time()
         body = {
@@ -204,7 +206,7 @@ class Simulator:
         }
         if self.population is not None:
             body["user"] = f"user-{self._seed}-{rng.randrange(self.population)}"
-        completion = await _post(client, "/v1/chat/completions", body)
+        completion = await _post(client, "/v1/chat/completions", body, headers)
         answers = [c["message"]["content"] for c in completion["choices"]]
         ids = [c["response_id"] for c in completion["choices"]]
         try:
@@ -228,7 +230,7 @@ class Simulator:
         else:
             stars = rules.rating(verdicts[0])
             feedback = {"response_id": ids[0], "rating": 6 - stars if flipped else stars}
-        accepted = await _post(client, "/v1/feedback", feedback)
+        accepted = await _post(client, "/v1/feedback", feedback, headers)
         return Rating(
             sent_at=sent_at,
             rated_at=time.time(),
@@ -247,11 +249,13 @@ class SimulationError(RuntimeError):
     """Retrying cannot help (a 4xx answer such as a bad key, or a broken rule): the run stops, with why."""
 
 
-async def _post(client: httpx.AsyncClient, path: str, body: dict, attempts: int = 8) -> dict:
+async def _post(
+    client: httpx.AsyncClient, path: str, body: dict, headers: dict[str, str], attempts: int = 8
+) -> dict:
     """POST with retries on 429/5xx (honouring Retry-After) and transport errors; 4xx is fatal."""
     for attempt in range(attempts):
         try:
-            resp = await client.post(path, json=body)
+            resp = await client.post(path, json=body, headers=headers)
         except httpx.TransportError:
             if attempt == attempts - 1:
                 raise
