@@ -13,9 +13,13 @@ Delivery guarantees:
 * Order: rows are sent in spool order, and one key always maps to one partition, so per-key
   order holds. After a partial failure only the unacknowledged rows are re-sent, so a failed
   row can land after a later row of the same partition.
-* No duplicates in the normal path (idempotent producer, one send per row). If the process
-  dies between an ack and the delete, or a send's ack is lost and the row is re-sent by a new
-  producer, Kafka gets it twice: consumers deduplicate on ``FeedbackEvent.event_id``.
+* No duplicates in the normal path (idempotent producer, one send per row), nor when the broker
+  stalls: the producer's own retries keep its producer id and sequence numbers for up to
+  ``_DELIVERY_TIMEOUT_MS`` (Kafka's default, 2 minutes), so Kafka drops the copies of a request it
+  got before it stalled. Only a send that fails outright (a stall longer than that, a broker that
+  forgot the producer) is re-sent by a new producer, and a row whose ack was lost then arrives twice;
+  so does one whose process died between the ack and the delete. Consumers deduplicate on
+  ``FeedbackEvent.event_id``.
 * Rows Kafka will never take (too large, invalid topic, not authorised) go to the spool's
   ``dead_letter`` table with the error, so one bad row cannot block the rest. An event larger than
   Kafka takes is refused before it is spooled (:class:`EventTooLarge`: the HTTP layer answers 413).
@@ -52,7 +56,12 @@ _CHECKPOINT_EVERY_S = 1.0
 _MIN_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 2.0
 _MAX_EVENT_BYTES = 1_000_000  # Kafka's default message.max.bytes is ~1 MB
-_DELIVERY_TIMEOUT_MS = 10_000  # a send not acknowledged by then fails, and the row is retried later
+# A send not acknowledged by then fails, and its row is re-sent by a new producer, which can duplicate it;
+# until then the producer retries it itself, with the same producer id and sequence number, which Kafka
+# deduplicates. 10 s here duplicated a rating after a 30 s broker freeze (bench soak); Kafka's default
+# outlasts such stalls.
+_DELIVERY_TIMEOUT_MS = 120_000
+_UNANSWERED_S = 5.0  # a send unanswered this long marks the broker down (readiness, metrics) while it waits
 _BLOCK_MS = 2000  # the longest one Kafka call may block the drain thread (bootstrap, metadata)
 _JOIN_GRACE_S = _BLOCK_MS / 1000 + 1
 # Errors about one record rather than the connection: retrying them forever would block the spool.
@@ -255,8 +264,7 @@ class FeedbackPublisher:
                 acks="all",
                 # Idempotence works on Tansu 0.6 (measured, see thumbtune/cli/broker.py): no duplicates from
                 # the producer's own retries, and order kept with up to 5 requests in flight.
-                enable_idempotence=True,
-                retries=5,
+                enable_idempotence=True,  # retries: unbounded within delivery_timeout_ms (the default)
                 request_timeout_ms=5000,
                 delivery_timeout_ms=_DELIVERY_TIMEOUT_MS,
                 max_block_ms=_BLOCK_MS,
@@ -319,7 +327,10 @@ class FeedbackPublisher:
 
     def _await(self, producer: KafkaProducer, futures: list[Any]) -> None:
         """Wait for the sends to complete, in short slices so that close() can cut it short."""
-        deadline = time.monotonic() + _DELIVERY_TIMEOUT_MS / 1000 + 2  # every future has ended by then
+        started = time.monotonic()
+        deadline = started + _DELIVERY_TIMEOUT_MS / 1000 + 2  # every future has ended by then
         while any(not f.is_done for f in futures) and time.monotonic() < deadline and not self._stop.is_set():
+            if self._broker_up and time.monotonic() - started > _UNANSWERED_S:
+                self._set_broker_up(False)  # still retrying, but readiness and metrics say it is away
             with contextlib.suppress(KafkaError):  # KafkaTimeoutError: not yet; others show on the futures
                 producer.flush(timeout=0.2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import threading
 import time
@@ -79,6 +81,34 @@ def test_events_wait_while_the_broker_is_down_then_arrive_once_in_order(
             records = consume_all(bootstrap, topic, expected=None, timeout=10)  # all of it
             pub.close()  # before the broker stops, which then need not wait for our connection
     assert [r.value for r in records] == [b"%d" % i for i in range(n)]
+
+
+def test_a_broker_that_stalls_mid_send_gets_every_event_once(
+    consume_all: ConsumeAll,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    """A frozen broker (SIGSTOP, as bench soak's pause) takes the requests it was sent when it wakes up; the
+    producer's own retries must carry them (Kafka drops the copies by sequence number), not a new producer
+    that sends them again (bench soak saw a rating twice on the topic when sends gave up after 10 s)."""
+    port = free_port()
+    topic = "test.publisher.stall"
+    with EmbeddedBroker(port=port, log_file=tmp_path / "tansu.log") as broker:
+        ensure_topics(broker.bootstrap, {topic: 1})
+        with FeedbackPublisher(make_settings(tmp_path, broker.bootstrap)) as pub:
+            pub.publish(topic, b"k", b"before")
+            assert pub.flush(timeout=20)
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                for i in range(20):
+                    pub.publish(topic, b"k", b"%d" % i)
+                time.sleep(15)  # past the request timeout (5 s) and the old delivery timeout (10 s)
+                assert not pub.broker_up and pub.depth() == 20  # readiness says so while it waits
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            assert pub.flush(timeout=60), f"{pub.depth()} events still spooled"
+            records = consume_all(broker.bootstrap, topic, expected=None, timeout=10)
+            pub.close()
+    assert [r.value for r in records] == [b"before"] + [b"%d" % i for i in range(20)]
 
 
 def test_a_restarted_broker_that_forgot_everything_is_published_to_again(
