@@ -7,7 +7,8 @@ import hashlib
 import hmac
 from collections.abc import Callable
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.dependencies import get_limiter, get_settings
 from service.errors import APIError
@@ -20,17 +21,28 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+# The schemes declare the bearer header in the OpenAPI schema (clients generated from it send it); they never
+# refuse a request themselves (auto_error=False): the checks below do, with OpenAI's error shape.
+API_KEY = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", description="One of THUMBTUNE_API_KEYS (if the server has keys)."
+)
+ADMIN_TOKEN = HTTPBearer(auto_error=False, scheme_name="adminToken", description="THUMBTUNE_ADMIN_TOKEN.")
 
 
-def api_key_id(request: Request, settings: Settings = Depends(get_settings)) -> str | None:
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    if credentials is None:
+        return None
+    return credentials.credentials.strip() or None
+
+
+def api_key_id(
+    credentials: HTTPAuthorizationCredentials | None = Security(API_KEY),
+    settings: Settings = Depends(get_settings),
+) -> str | None:
     """Dependency: None when the server has no API keys, else the caller's key id (401 otherwise)."""
     if not settings.api_key_values:
         return None
-    token = _bearer(request)
+    token = _token(credentials)
     if token is None:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
     if not any(hmac.compare_digest(token.encode(), k.encode()) for k in settings.api_key_values):
@@ -54,12 +66,15 @@ def rate_limited(route: str) -> Callable[..., None]:
     return dependency
 
 
-def require_admin(request: Request, settings: Settings = Depends(get_settings)) -> None:
+def require_admin(
+    credentials: HTTPAuthorizationCredentials | None = Security(ADMIN_TOKEN),
+    settings: Settings = Depends(get_settings),
+) -> None:
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise APIError(
             403, "admin routes are disabled: set THUMBTUNE_ADMIN_TOKEN to enable them", code="admin_disabled"
         )
-    token = _bearer(request) or ""
+    token = _token(credentials) or ""
     if not hmac.compare_digest(token.encode(), settings.admin_token.get_secret_value().encode()):
         raise APIError(
             401,

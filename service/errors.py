@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.protocol import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,28 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+STATUSES = {
+    400: "Invalid request: a field outside its declared limits, or a limit of this server's settings "
+    "(code says which).",
+    401: "Missing or wrong bearer token.",
+    403: "Forbidden: the admin routes are disabled on this server.",
+    404: "Unknown model, answer or version.",
+    409: "Conflicts with what is already decided (an answer already rated, a refused version).",
+    413: "Request body over THUMBTUNE_MAX_BODY_BYTES, or a rating too large for the feedback topic.",
+    429: "Over this client's rate limit: retry after Retry-After seconds.",
+    503: "Not available now (starting, stopping, feedback backlog, control log unreachable): retry later.",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route that answers these errors, all in `ErrorResponse`'s shape; and
+    ``default`` for any other (a 500), which also keeps FastAPI from documenting a 422 it never sends."""
+    return {
+        **{s: {"model": ErrorResponse, "description": STATUSES[s]} for s in statuses},
+        "default": {"model": ErrorResponse, "description": "Any other error, in the same shape."},
+    }
 
 
 class APIError(Exception):
@@ -60,7 +85,9 @@ def error_response(
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # the field's path only: no "body", and none of pydantic's tags for the branch of a union that failed
+    # ('function-after[...]', 'list[...]', 'constrained-str'), which are not field names
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or p.isidentifier())]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":

@@ -1,26 +1,47 @@
-"""OpenAI-compatible request and response models, plus thumbtune's feedback API. Models only.
+"""OpenAI-compatible request and response models, thumbtune's feedback API and the error body. Models only.
 
-Limits that do not depend on settings are declared here, so bad input is refused by
-validation with a message naming the field. Settings-dependent limits (max_tokens cap,
-message count, context window) are checked in service.serving_chat.
+Every limit that does not depend on settings is declared on the field, so bad input is refused by validation
+with a message naming the field, and the OpenAPI schema says exactly what the server accepts: a request the
+schema allows is refused only by a settings-dependent limit, checked in service.serving_chat and named in the
+field's description (max_tokens over THUMBTUNE_MAX_TOKENS_CAP, more than THUMBTUNE_MAX_MESSAGES messages, the
+context window), or by the state of the server (an unknown model or answer id, a rating already given).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return text
+
+
+NonBlank = Annotated[str, AfterValidator(_not_blank), WithJsonSchema({"type": "string", "pattern": r"\S"})]
+"""Text with at least one character that is not whitespace (the schema's pattern says the same)."""
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: NonBlank
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: NonBlank | Annotated[list[TextPart], Field(min_length=1)]
     name: str | None = None
 
     @property
@@ -29,56 +50,79 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    @model_validator(mode="after")
-    def _not_empty(self) -> ChatMessage:
-        if not self.text.strip():
-            raise ValueError(f"{self.role} message content must not be empty")
-        return self
-
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"] = Field(default="text", description="Only plain text is supported.")
+
+
+def _no_tools(tools: list) -> list:
+    if tools:
+        raise ValueError("tools are not supported by this server")
+    return tools
+
+
+StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
+StopSequences = Annotated[list[StopSequence], Field(max_length=4)]
+
+
+def _as_list(stop: object) -> object:
+    return [stop] if isinstance(stop, str) else stop
+
+
+Stop = Annotated[
+    StopSequences, BeforeValidator(_as_list, json_schema_input_type=StopSequence | StopSequences)
+]
+"""One stop sequence or up to 4, validated as a list (so an error names ``stop``, not a branch of a union)."""
+
+
 class ChatCompletionRequest(BaseModel):
     # Unknown OpenAI parameters are ignored, as many servers do; the ones that would change
-    # the meaning of the answer if ignored are refused below.
+    # the meaning of the answer if ignored are refused by their declared limits.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=128)
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(
+        min_length=1,
+        max_length=128,
+        description="'thumbtune' (the live adapter), 'base' (adapter off) or a loaded version 'v<N>' "
+        "(GET /v1/models); anything else is a 404 model_not_found.",
+    )
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="At most THUMBTUNE_MAX_MESSAGES (64; 400 too_many_messages above)."
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most THUMBTUNE_MAX_TOKENS_CAP (1024; 400 max_tokens_too_large above), and the "
+        "prompt plus this within the context window (400 context_length_exceeded).",
+    )
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="As max_tokens, and wins.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=4)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    # 2^53 - 1: the largest integer a JSON number holds exactly (the schema's maximum is a float)
+    seed: int | None = Field(default=None, ge=0, le=2**53 - 1)
+    stop: Stop | None = Field(
+        default=None, validate_default=True, description="Up to 4 sequences, each 1 to 64 characters."
+    )
     user: str | None = Field(default=None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=0, description="Only 0 is supported.")
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: Annotated[list, AfterValidator(_no_tools), Field(max_length=0)] | None = Field(
+        default=None, description="Not supported: leave it out (or empty)."
+    )
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s or len(s) > 64 for s in stops):
-            raise ValueError("stop sequences must be 1 to 64 characters")
-        return stops
-
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return self
+    def _stops(cls, v: list[str] | None) -> list[str]:
+        return list(v or [])
 
 
 class Usage(BaseModel):
@@ -160,26 +204,66 @@ class ModelList(BaseModel):
 
 
 ResponseId = Annotated[str, Field(min_length=1, max_length=128)]
+FEEDBACK_FORMS = {
+    "thumb": ("response_id", "thumb"),
+    "rating": ("response_id", "rating"),
+    "choice": ("chosen", "rejected"),
+    "ranking": ("ranking",),
+}
+"""The four kinds of rating and the fields each one requires (``comment`` goes with any)."""
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema without its null alternative (and default): the form that requires it."""
+    alternatives = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+    rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    return rest | (
+        alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives} if alternatives else {}
+    )
+
+
+def _one_of_the_forms(schema: dict[str, Any]) -> None:
+    """The schema of `FeedbackRequest` as `_one_form` validates it: exactly one of `FEEDBACK_FORMS`, built
+    from the fields' own schemas (one home for every limit)."""
+    properties = schema.pop("properties")
+    schema.pop("required", None)
+    schema.pop("additionalProperties", None)
+    schema["oneOf"] = [
+        {
+            "type": "object",
+            "title": f"{kind} feedback",
+            "properties": {f: _not_null(properties[f]) for f in fields} | {"comment": properties["comment"]},
+            "required": list(fields),
+            "additionalProperties": False,
+        }
+        for kind, fields in FEEDBACK_FORMS.items()
+    ]
 
 
 class FeedbackRequest(BaseModel):
-    """One of {response_id, thumb}, {response_id, rating}, {chosen, rejected}, {ranking}; a comment."""
+    """One of {response_id, thumb}, {response_id, rating}, {chosen, rejected}, {ranking}; a comment. The
+    answers rated must be ones this API key was given (else 404 response_not_found), each rated once (409
+    already_rated); a choice's and a ranking's answers answer one request (400 not_a_pair, not_one_request),
+    and a ranking orders all of them (400 incomplete_ranking)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_the_forms)
 
     response_id: ResponseId | None = None
     thumb: Literal["up", "down"] | None = None
     rating: int | None = Field(default=None, ge=1, le=5)
     chosen: ResponseId | None = None
-    rejected: ResponseId | list[ResponseId] | None = Field(
+    rejected: ResponseId | Annotated[list[ResponseId], Field(min_length=1, max_length=3)] | None = Field(
         default=None,
-        description="The other answer, or (best of up to 4 answers to one prompt) the 1 to 3 others.",
+        description="The other answer, or (best of up to 4 answers to one prompt) the 1 to 3 others; each "
+        "named once, and not the chosen one.",
+        json_schema_extra={"uniqueItems": True},
     )
     ranking: list[ResponseId] | None = Field(
         default=None,
         min_length=2,
         max_length=4,
-        description="All the answers of one request (n = 2 to 4), best first.",
+        description="All the answers of one request (n = 2 to 4), best first, each named once.",
+        json_schema_extra={"uniqueItems": True},
     )
     comment: str | None = Field(default=None, max_length=2000)
 
@@ -224,160 +308,14 @@ class FeedbackAccepted(BaseModel):
     event_ids: list[str]
 
 
-# --- operators: GET /readyz and /admin/adapters ------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong, and what to do about it.")
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable machine-readable code, e.g. max_tokens_too_large.")
 
 
-class Readiness(BaseModel):
-    """GET /readyz: ready when the model is loaded, the completion store answers, and feedback can be taken
-    (the broker is reachable, or the spool has room)."""
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
 
-    status: Literal["ready", "not ready", "starting"]
-    model: bool | None = Field(default=None, description="The engine thread is running.")
-    store: bool | None = Field(default=None, description="The completion store answers (Redis: a ping).")
-    broker: bool | None = Field(default=None, description="The last attempt to reach Kafka succeeded.")
-    spool_depth: int | None = Field(default=None, description="Ratings waiting in the spool for Kafka.")
-    spool_has_room: bool | None = None
-    adapter_version: str | None = Field(default=None, description="The live adapter version.")
-
-
-class AdapterVersionView(BaseModel):
-    """One version as this replica knows it: in the store, loaded, checked, live, rated."""
-
-    version: str
-    state: Literal["good", "refused", "unchecked"]
-    stage: Literal["unchecked", "checked", "canary", "live", "retired", "refused"] = Field(
-        description="checked: passed its checks, not serving; canary: serves a share of users; retired: "
-        "served (live or canary) and was superseded."
-    )
-    in_store: bool
-    loaded: bool
-    live: bool
-    pinned: bool
-    ratings: int = Field(
-        description="Ratings of this version's answers: every replica's (the feedback topic), or without a "
-        "control plane this process's own."
-    )
-    approvals: int = Field(description="Of those, the ones with a positive reward.")
-    approval_rate: float | None
-    approval_interval: list[float] | None = Field(
-        default=None, description="95% anytime-valid interval of the approval rate [lower, upper]."
-    )
-    elo: float | None = Field(
-        default=None, description="Bradley-Terry rating from head-to-head choices, Elo scale, live = 1000."
-    )
-    elo_interval: list[float] | None = Field(default=None, description="Its 95% bootstrap interval.")
-    reason: str | None = Field(default=None, description="The check a refused version failed.")
-    message: str | None = None
-    kl_live: float | None = Field(default=None, description="KL(version || live) on the probe prompts.")
-    kl_base: float | None = Field(default=None, description="KL(version || base) on the probe prompts.")
-    capability: int | None = Field(
-        default=None, description="Capability prompts it answered right at its check (the gate)."
-    )
-    checked_at: float | None = None
-
-
-class Refusal(BaseModel):
-    reason: str
-    message: str
-
-
-class KLBounds(BaseModel):
-    live: float
-    base: float
-    probe_prompts: int
-
-
-class FollowerView(BaseModel):
-    """The replica's thumbtune.adapters consumer."""
-
-    group_id: str
-    assigned: bool
-    announcements: int
-    last_error: str | None
-
-
-class ControlView(BaseModel):
-    """The replica's view of thumbtune.control, the cluster's decisions."""
-
-    replica: str = Field(description="This replica's name on the log (THUMBTUNE_REPLICA_ID).")
-    connected: bool = Field(description="Following the log now; admin actions answer 503 while not.")
-    position: int = Field(description="Records of the log read (decisions and receipts).")
-    applied: int = Field(description="Decisions this replica applied since it started (replayed ones not).")
-    replicas: list[str] = Field(description="The other replicas that joined and have not left.")
-    last_error: str | None
-
-
-class CanaryView(BaseModel):
-    """The canary under test, and what the judge's two anytime-valid tests say so far."""
-
-    version: str
-    since: float = Field(description="When the cluster made it the canary (unix time).")
-    share: float = Field(description="Share of users it serves (THUMBTUNE_CANARY_SHARE).")
-    ratings: int = Field(description="Ratings of its answers since then.")
-    approvals: int
-    live_ratings: int = Field(description="Ratings of the live version's answers since then.")
-    live_approvals: int
-    difference: list[float] | None = Field(
-        description="Approval canary - live: [lower, estimate, upper] of its anytime-valid interval."
-    )
-    wins: int = Field(description="Head-to-head choices the canary won against live.")
-    losses: int
-    verdict: Literal["promote", "rollback", "undecided"] | None = Field(
-        description="None until the feedback topic has been read to its end."
-    )
-    reason: str
-    expired: bool = Field(description="Undecided for longer than THUMBTUNE_CANARY_MAX_WAIT_S.")
-    waiting: str | None = Field(description="The newest checked version waiting for the canary slot.")
-
-
-class DecisionView(BaseModel):
-    """What became of an admin action: the decision on thumbtune.control and who has applied it."""
-
-    record_id: str
-    action: str
-    version: str | None = Field(description="The version acted on (rollback: the one rolled back to).")
-    previous: str | None = Field(description="What was live on the replica that took the call.")
-    replica: str = Field(description="The replica that took the call; it has applied the decision.")
-    live: str = Field(description="What that replica serves now.")
-    confirmed: dict[str, str] = Field(
-        description="Other replicas that applied it within THUMBTUNE_CONTROL_CONFIRM_S -> what they serve."
-    )
-    failed: dict[str, str] = Field(description="Other replicas that could not apply it -> why.")
-    unconfirmed: list[str] = Field(
-        description="Other replicas known to be up that did not answer in time (they apply it when they read "
-        "it; a replica that crashed stays here until it is back)."
-    )
-
-
-class AdaptersView(BaseModel):
-    """GET /admin/adapters, and the answer of every POST under it."""
-
-    live: str
-    pinned: str | None
-    following: bool = Field(description="New versions go live as they are announced (not pinned).")
-    loaded: list[str]
-    versions: list[AdapterVersionView]
-    refused: dict[str, Refusal]
-    kl_bounds: KLBounds
-    base_model: str
-    base_fingerprint: str
-    follower: FollowerView | None
-    control: ControlView | None = Field(
-        default=None,
-        description="thumbtune.control; None on a replica of its own (THUMBTUNE_ADAPTER_FOLLOW off).",
-    )
-    decision: DecisionView | None = Field(
-        default=None, description="In the answer of a POST: what it decided."
-    )
-    canary: CanaryView | None = Field(default=None, description="The canary under test; None without one.")
-
-
-class RefuseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: str = Field(min_length=2, max_length=32, description="An adapter version, e.g. 'v7'.")
-    reason: str = Field(min_length=1, max_length=2000, description="Why; shown with the refusal everywhere.")
-
-
-class PinRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: str = Field(min_length=2, max_length=32, description="An adapter version, e.g. 'v7'.")
+    error: ErrorDetail

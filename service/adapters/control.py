@@ -38,7 +38,7 @@ from service import metrics
 from service.adapters import decisions
 from service.adapters.admission import COMMAND_TIMEOUT_S, EngineUnavailable
 from service.adapters.manager import AdapterManager, UnknownVersion, VersionConflict
-from service.protocol import ControlView, DecisionView
+from service.protocol_admin import ControlView, DecisionView
 from thumbtune.core.contract import CONTROL_TOPIC, ControlAck, ControlAction, ControlRecord, parse_control
 from thumbtune.core.kafka import TopicFollower, bootstrap_servers, make_consumer, make_producer, reachable
 from thumbtune.core.settings import Settings

@@ -22,7 +22,7 @@ import uuid
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 
 from service.adapters.manager import AdapterManager
-from service.protocol import FollowerView
+from service.protocol_admin import FollowerView
 from thumbtune.core.contract import ADAPTERS_TOPIC, AdapterAnnouncement
 from thumbtune.core.kafka import TopicFollower, make_consumer
 from thumbtune.core.settings import Settings

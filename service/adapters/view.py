@@ -10,7 +10,7 @@ from service.adapters.manager import AdapterManager, VersionStatus
 from service.canary.judge import CanaryJudge, elo_ratings
 from service.canary.ratings import VersionRatings
 from service.canary.sequential import mean_cs
-from service.protocol import (
+from service.protocol_admin import (
     AdaptersView,
     AdapterVersionView,
     CanaryView,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from thumbtune.core.contract import MIN_TEMPERATURE
+
 
 def sample(
     logits: torch.Tensor,
@@ -23,7 +25,9 @@ def sample(
     T = temperature (1 for greedy rows).
     """
     rows = logits.shape[0]
-    temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=logits.dtype)
+    temps = torch.tensor(
+        [max(t, MIN_TEMPERATURE) if t > 0 else 1.0 for t in temperatures], dtype=logits.dtype
+    )
     logprobs_all = torch.log_softmax(logits / temps[:, None], dim=-1)
     tokens = torch.empty(rows, dtype=torch.long)
     for i in range(rows):
@@ -39,10 +43,13 @@ def sample(
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose mass reaches top_p (always at least the top one)."""
+    """Keep the smallest set of tokens whose mass reaches top_p (always at least the top one, whatever top_p:
+    in float32 a top_p of 5e-324 is 0, and 0 >= 0 would drop them all)."""
     sorted_probs, order = probs.sort(descending=True)
     mass_before = sorted_probs.cumsum(0) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0
+    drop = mass_before >= top_p
+    drop[0] = False
+    sorted_probs[drop] = 0.0
     filtered = torch.zeros_like(probs)
     filtered[order] = sorted_probs
     return filtered

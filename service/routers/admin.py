@@ -29,12 +29,16 @@ from service.adapters.manager import AdapterManager, UnknownVersion, VersionConf
 from service.adapters.view import describe
 from service.auth import require_admin
 from service.dependencies import get_adapter_manager, get_runtime
-from service.errors import APIError
-from service.protocol import AdaptersView, DecisionView, PinRequest, RefuseRequest
+from service.errors import APIError, documented
+from service.protocol_admin import AdaptersView, DecisionView, PinRequest, RefuseRequest
 from service.runtime import Runtime
 from thumbtune.core.contract import ControlAction, ControlRecord
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    dependencies=[Depends(require_admin)],
+    responses=documented(400, 401, 403, 404, 409, 413, 503),
+)
 
 
 def _view(rt: Runtime, manager: AdapterManager, decision: DecisionView | None = None) -> AdaptersView:

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.auth import api_key_id, rate_limited
 from service.dependencies import get_chat
+from service.errors import documented
 from service.protocol import ChatCompletion, ChatCompletionRequest
 from service.serving_chat import ChatService
 
@@ -16,7 +17,31 @@ ADAPTER_HEADER = "x-thumbtune-adapter-version"
 
 
 @router.post(
-    "/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(rate_limited("chat"))]
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    dependencies=[Depends(rate_limited("chat"))],
+    responses={
+        200: {
+            "description": "The completion; with stream=true, server-sent events of chat.completion.chunk "
+            "objects, ended by 'data: [DONE]'.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "description": "One server-sent event.",
+                        "required": ["data"],
+                        "properties": {
+                            "data": {
+                                "type": "string",
+                                "description": "A chat.completion.chunk as JSON, or [DONE] after the last.",
+                            }
+                        },
+                    }
+                }
+            },
+        },
+        **documented(400, 401, 404, 413, 429, 503),
+    },
 )
 async def chat_completions(
     body: ChatCompletionRequest,

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from service.auth import api_key_id, rate_limited
 from service.dependencies import get_feedback
+from service.errors import documented
 from service.protocol import FeedbackAccepted, FeedbackRequest
 from service.serving_feedback import FeedbackService
 
@@ -18,6 +19,10 @@ router = APIRouter()
     response_model=FeedbackAccepted,
     status_code=202,
     dependencies=[Depends(rate_limited("feedback"))],
+    responses={
+        200: {"model": FeedbackAccepted, "description": "The same rating again: nothing new (duplicate)."},
+        **documented(400, 401, 404, 409, 413, 429, 503),
+    },
 )
 def feedback(
     body: FeedbackRequest,

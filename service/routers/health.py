@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.dependencies import get_runtime_or_none
-from service.protocol import Readiness
+from service.protocol_admin import Health, Readiness
 from service.runtime import Runtime
 
 router = APIRouter()
 
 
-@router.get("/healthz")
-def healthz() -> dict:
-    return {"status": "ok"}
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    return Health(status="ok")
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
@@ -41,6 +41,10 @@ def readyz(rt: Runtime | None = Depends(get_runtime_or_none)) -> JSONResponse:
     return JSONResponse(checks.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus' text exposition format."}},
+)
 def prometheus_metrics() -> Response:
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

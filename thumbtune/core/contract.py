@@ -10,7 +10,8 @@ Log-probs (``FeedbackEvent.behaviour_logprobs``)
         log pi_b(a_t | s_t) = log_softmax(z_t / T)[a_t]
 
     where ``z_t`` are the serving policy's logits and ``T`` is the request's temperature
-    (``T = 1`` when the request was greedy, ``temperature == 0``). This is the tempered
+    (``T = 1`` when the request was greedy, ``temperature == 0``; at least `MIN_TEMPERATURE` otherwise, so
+    z / T stays finite in float32 whatever a request asks for). This is the tempered
     distribution *before* top-p truncation, so it is defined for every token and the
     learner can form importance ratios ``pi_old / pi_b`` by scaling its own logits with
     the same ``T`` (``SamplingParams.logprob_temperature``).
@@ -69,6 +70,11 @@ class Message(BaseModel):
     content: str
 
 
+MIN_TEMPERATURE = 1e-3
+"""The smallest temperature sampled at: below it z / T overflows float32 (5e-324 did), and sampling at 1e-3 is
+already greedy in all but exact ties. A request's smaller positive temperature samples (and records) at it."""
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float
@@ -79,8 +85,9 @@ class SamplingParams(BaseModel):
 
     @property
     def logprob_temperature(self) -> float:
-        """The T of the recorded log-probs: the request's temperature, 1 for greedy."""
-        return self.temperature if self.temperature > 0 else 1.0
+        """The T of the recorded log-probs: the request's temperature (at least `MIN_TEMPERATURE`), 1 for
+        greedy."""
+        return max(self.temperature, MIN_TEMPERATURE) if self.temperature > 0 else 1.0
 
 
 def check_aligned(response_token_ids: list[int], behaviour_logprobs: list[float]) -> None:
