@@ -269,10 +269,7 @@ def bench_poison(
 ) -> None:
     """The poisoning drill: honest users' approval with and without one key sending half the ratings by the
     opposite rule, with the rater caps on and off."""
-    from benchmarks.poison import (
-        parse_arms,
-        run,
-    )  # lazy: start-up time (torch), for every `thumbtune` command
+    from benchmarks.poison import parse_arms, run  # lazy: start-up time (torch), every `thumbtune` command
 
     try:
         run(
