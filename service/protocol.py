@@ -88,8 +88,8 @@ class ChatCompletionRequest(BaseModel):
     model: str = Field(
         min_length=1,
         max_length=128,
-        description="'thumbtune' (the live adapter), 'base' (adapter off) or a loaded version 'v<N>' "
-        "(GET /v1/models); anything else is a 404 model_not_found.",
+        description="'thumbtune' (the live adapter), 'base' (adapter off) or a loaded version "
+        "'thumbtune@v<N>' (GET /v1/models); anything else is a 404 model_not_found.",
     )
     messages: list[ChatMessage] = Field(
         min_length=1, description="At most THUMBTUNE_MAX_MESSAGES (64; 400 too_many_messages above)."

@@ -23,7 +23,7 @@ from thumbtune.core.settings import Settings
 pytestmark = pytest.mark.broker
 
 ADMIN = "schema-admin"
-SERVED_MODELS = ("thumbtune", "base", "v0")
+SERVED_MODELS = ("thumbtune", "base", "thumbtune@v0")
 """What `model` can name on this server (versions come and go, so the schema cannot list them)."""
 DOCUMENTED_REFUSALS = {
     "max_tokens_too_large",
