@@ -17,7 +17,7 @@ from kafka import KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from thumbtune.core.contract import ADAPTERS_TOPIC, AdapterAnnouncement
-from thumbtune.core.kafka import make_consumer, make_producer
+from thumbtune.core.kafka import close_producer, make_consumer, make_producer
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import AdapterStore
 
@@ -94,10 +94,7 @@ class Announcer:
     def close(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            try:
-                producer.close(timeout=2)
-            except Exception:  # closing after a failure: nothing more to do
-                log.debug("closing the announcement producer failed", exc_info=True)
+            close_producer(producer, timeout=2)
 
 
 def recent_announcements(settings: Settings, timeout_s: float = 10.0) -> list[AdapterAnnouncement] | None:

@@ -44,7 +44,7 @@ from kafka.errors import (
 
 from service import metrics
 from service.spool import Row, Spool, SpoolFull
-from thumbtune.core.kafka import bootstrap_servers, make_producer, reachable
+from thumbtune.core.kafka import bootstrap_servers, close_producer, make_producer, reachable
 from thumbtune.core.settings import Settings
 
 __all__ = ["EventTooLarge", "FeedbackPublisher", "SpoolFull"]
@@ -75,18 +75,6 @@ _POISON = (
 
 class EventTooLarge(ValueError):
     """An event larger than Kafka takes: it can never be delivered, so it is not spooled (answer 413)."""
-
-
-def _close_producer(producer: KafkaProducer, timeout: float) -> None:
-    """Close even with records still pending: kafka-python's close() raises before force-closing."""
-    try:
-        producer.close(timeout=timeout)
-    except Exception:  # noqa: BLE001 - its (non-daemon) sender thread must not outlive us
-        sender = getattr(producer, "_sender", None)
-        if sender is not None:
-            with contextlib.suppress(Exception):
-                sender.force_close()
-                sender.join(timeout)
 
 
 class FeedbackPublisher:
@@ -285,7 +273,7 @@ class FeedbackPublisher:
         producer id (a restarted in-memory broker) fails every later send; a new one starts clean."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            _close_producer(producer, timeout=1.0)
+            close_producer(producer, timeout=1.0)
 
     def _send(self, rows: list[Row]) -> bool:
         """Send rows in order, wait for their acks, retire the acked ones. True if all went."""

@@ -40,7 +40,14 @@ from service.adapters.admission import COMMAND_TIMEOUT_S, EngineUnavailable
 from service.adapters.manager import AdapterManager, UnknownVersion, VersionConflict
 from service.protocol_admin import ControlView, DecisionView
 from thumbtune.core.contract import CONTROL_TOPIC, ControlAck, ControlAction, ControlRecord, parse_control
-from thumbtune.core.kafka import TopicFollower, bootstrap_servers, make_consumer, make_producer, reachable
+from thumbtune.core.kafka import (
+    TopicFollower,
+    bootstrap_servers,
+    close_producer,
+    make_consumer,
+    make_producer,
+    reachable,
+)
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -177,10 +184,7 @@ class ControlPlane(TopicFollower):
     def on_close(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            try:
-                producer.close(timeout=1)
-            except KafkaError:
-                log.debug("closing a %s producer failed", CONTROL_TOPIC, exc_info=True)
+            close_producer(producer, timeout=1)
 
     # --- reading the log --------------------------------------------------------------------------------
 

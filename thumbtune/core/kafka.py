@@ -17,6 +17,7 @@ What we measured against Tansu 0.6.0 (the embedded broker, thumbtune/cli/broker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -162,6 +163,22 @@ def consumer_group_config(settings: Settings) -> dict[str, int]:
 def make_producer(settings: Settings, client_id: str, **options: Any) -> KafkaProducer:
     """A producer for the configured cluster; ``options`` are KafkaProducer's own (acks, retries, ...)."""
     return KafkaProducer(client_id=client_id, **connection_config(settings), **options)
+
+
+def close_producer(producer: KafkaProducer, timeout: float) -> None:
+    """Close ``producer`` even with records still pending. kafka-python's close() raises (flush timed out)
+    before it force-closes the sender and never marks itself closed, so its non-daemon sender thread would
+    outlive us and its __del__ would raise again at garbage collection; here the sender is force-closed and
+    the producer marked closed."""
+    try:
+        producer.close(timeout=timeout)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the producer must end here
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            with contextlib.suppress(Exception):
+                sender.force_close()
+                sender.join(timeout)
+        producer._closed = True  # its __del__ closes again unless marked; it has no public way to say so
 
 
 def make_consumer(
