@@ -16,7 +16,6 @@ resolves its version before it reaches the engine).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ from torch import nn
 from service import metrics
 from thumbtune.core.contract import ADAPTER_OFF, BASE_VERSION
 from thumbtune.core.lora import lora_config
+from thumbtune.core.malloc import release_freed_memory
 from thumbtune.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,25 +44,6 @@ _PEFT_LOAD = threading.Lock()
 engines in one process (replicas in a test, say) must not insert adapters at the same moment."""
 RESOLVE_GRACE_S = 10.0
 """A version a request resolved this recently is not unloaded: the request may not have reached the engine."""
-
-
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
-_LIBC = _glibc()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap pages freed by unloading adapters back to the OS (glibc's malloc_trim). Why: glibc keeps
-    freed memory in its arenas for reuse, and bench soak saw the server ~180 MB larger for good after a burst
-    of loads (the versions announced during a broker outage, all at once); docs/BENCHMARKS.md, "Soak"."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def with_empty_adapter(base_model: nn.Module, settings: Settings) -> PeftModel:
@@ -211,8 +192,8 @@ class AdapterRegistry:
         for version in retired:
             self._delete(version)
             log.info("unloaded adapter %s (no request uses it)", version)
-        if retired:
-            release_freed_memory()
+        if retired:  # glibc keeps what they freed; bench soak saw the server ~180 MB larger for good after a
+            release_freed_memory()  # burst of loads (docs/BENCHMARKS.md, "Soak")
         return retired
 
     def _delete(self, version: str) -> None:

@@ -71,8 +71,10 @@ def serve(
     import uvicorn  # lazy: start-up time (the server imports torch)
 
     from service.app import create_app  # lazy: as above
+    from thumbtune.core.malloc import tune_malloc
 
     settings = configure(host=host, port=port)
+    tune_malloc(settings.malloc_mmap_threshold, settings.malloc_arena_max)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
