@@ -37,13 +37,14 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="Serving dtype: float32, bfloat16 or float16.")
     num_threads: int = Field(0, description="torch intra-op threads; 0 = torch's default.")
     malloc_mmap_threshold: int = Field(
-        131072,
+        0,
         ge=0,
-        description="The server's glibc M_MMAP_THRESHOLD in bytes: larger blocks are mapped on their own and "
-        "returned to the OS when freed (thumbtune/core/malloc.py); 0 = glibc's default, which grows.",
+        description="The server's glibc M_MMAP_THRESHOLD in bytes, fixed: larger blocks are mapped on their "
+        "own and returned when freed (thumbtune/core/malloc.py; 131072 cost 3x the latency in bench soak); "
+        "0 = glibc's default, which grows.",
     )
     malloc_arena_max: int = Field(
-        2, ge=0, description="The server's glibc M_ARENA_MAX (malloc arenas); 0 = glibc's default (8 a core)."
+        0, ge=0, description="The server's glibc M_ARENA_MAX (malloc arenas); 0 = glibc's default (8 a core)."
     )
 
     # --- LoRA (the server and the learner must agree) ----------------------------------------
