@@ -33,11 +33,20 @@ def bench_learn(
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
     repeats: int = typer.Option(3, min=1, help="Runs of each contender (interleaved); medians are reported."),
     trl: bool = typer.Option(True, "--trl/--no-trl", help="Include TRL's GRPOTrainer (the bench extra)."),
+    contenders: str = typer.Option(
+        None, help="Comma-separated contenders to run (default: all that can run here; ours is required)."
+    ),
 ) -> None:
-    """PPO update throughput on 64 fixed rated answers: the learner vs the floor of any PPO update vs TRL."""
-    from benchmarks.learn import run  # lazy: start-up time (torch), for every `thumbtune` command
+    """PPO update throughput on 64 fixed rated answers: the learner vs the floor of any PPO update vs TRL,
+    and the learner as 2 data-parallel ranks."""
+    from benchmarks.learn import CONTENDERS, run  # lazy: start-up time (torch), for every `thumbtune` command
 
-    run(configure(), out=out, repeats=repeats, with_trl=trl)
+    only = [c.strip() for c in contenders.split(",") if c.strip()] if contenders else None
+    if only is not None and ("ours" not in only or not set(only) <= set(CONTENDERS)):
+        raise typer.BadParameter(
+            f"choose from {', '.join(CONTENDERS)}, ours included", param_hint="--contenders"
+        )
+    run(configure(), out=out, repeats=repeats, with_trl=trl, only=only)
 
 
 @app.command("ablate")

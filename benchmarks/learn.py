@@ -10,7 +10,9 @@ Contenders (DESCRIPTIONS below; TRL's set-up in benchmarks/learn_trl.py) run one
 its own subprocess (so its peak RSS, VmHWM, is its own), repeated and interleaved; medians are reported.
 floor = what any PPO update on these samples pays; ours = learner.update.ppo_update, early stop off.
 throughput = event-epochs/s = 64 events x 4 epochs / the update's wall time (model loading excluded).
-The table and the targets: benchmarks/learn_report.py.
+ours-2ranks is ours under torchrun as two data-parallel ranks of one thread each (learner/distributed.py),
+on the same events and seed: its update time against ours, and how far its weights end from ours (max |w|
+difference; the same sums in another order). The table and the targets: benchmarks/learn_report.py.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from benchmarks.common import Window, load, peak_rss, thumb_event, warm_up, work
 from benchmarks.learn_report import report
 from benchmarks.prompts import LEARN as PROMPTS
 from learner.config import LearnerSettings, PPOConfig
+from learner.distributed import SINGLE, DataParallel, from_environment, leave
 from learner.policy import Batch, Policy, cpu_has_fast_bf16
 from learner.rollout import sample_with_logprobs
 from learner.update import LearnerState, finite, ppo_update
+from thumbtune.cli.process import free_port
 from thumbtune.core.chat import encode_chat, end_token_ids
 from thumbtune.core.contract import FeedbackEvent
 from thumbtune.core.lora import lora_config
@@ -50,7 +54,9 @@ CONFIG = {
     "minibatch": MINIBATCH,
     "lora": {"r": 8, "alpha": 16, "target_modules": list(LORA_TARGETS)},
 }
-CONTENDERS = ("floor", "ours", "ours-bf16", "trl")
+CONTENDERS = ("floor", "ours", "ours-bf16", "ours-2ranks", "trl")
+RANKS = 2
+"""ours-2ranks: data-parallel processes, one torch thread each."""
 DESCRIPTIONS = {
     "floor": "no grad: 4 minibatches of 16 with the adapter on (pi_old) + 4 with it off (pi_ref); then 4 "
     "epochs x 4 minibatches of forward+backward, loss = -mean response log-prob, log-probs the "
@@ -61,6 +67,9 @@ DESCRIPTIONS = {
     "(on CPU no pass holds over 1024 padded tokens: chunked no-grad passes, minibatches as 2 x 8)",
     "ours-bf16": "ours with THUMBTUNE_LEARNER_PRECISION=bfloat16 (torch.autocast on CPU; what 'auto' picks "
     "on CPUs with AMX or AVX512-BF16); only run where the CPU has one of them, else bf16 is emulated",
+    "ours-2ranks": f"ours as {RANKS} data-parallel ranks under torchrun (learner/distributed.py), one torch "
+    "thread each: each computes its share of the rows, gradients all-reduced over gloo; CPU s and peak RSS "
+    "are the ranks' sums",
     "trl": "trl GRPOTrainer: rollout_func replays the answers, fixed +1/-1 rewards in groups of 2, "
     "scale_rewards=none, num_iterations=4, beta=0.05 (pi_ref pass), 16 steps; timed "
     "on_train_begin..on_train_end",
@@ -154,7 +163,14 @@ def run_floor(base, events: list, settings: Settings) -> dict:  # noqa: ANN001 -
     return window.stop() | {"steps": EPOCHS * len(minibatches)}
 
 
-def run_ours(base, events: list, settings: Settings, bf16: bool = False) -> dict:  # noqa: ANN001
+def run_ours(  # noqa: ANN001
+    base,
+    events: list,
+    settings: Settings,
+    bf16: bool = False,
+    dp: DataParallel = SINGLE,
+    params: Path | None = None,
+) -> dict:
     # the update alone: no Polyak average (the learner updates it after ppo_update, outside the timing)
     learner = LearnerSettings(
         epochs=EPOCHS, minibatch_size=MINIBATCH, early_stop_kl=None, average_decay=0.0, device="cpu"
@@ -169,42 +185,66 @@ def run_ours(base, events: list, settings: Settings, bf16: bool = False) -> dict
     )
     state = LearnerState.create(policy, learner, seed=learner.seed)
     window = Window()
-    diagnostics = ppo_update(policy, Batch.from_events(events, base.tokenizer.pad_token_id), state, learner)
-    return window.stop() | {
+    diagnostics = ppo_update(
+        policy, Batch.from_events(events, base.tokenizer.pad_token_id), state, learner, None, dp
+    )
+    timed = window.stop()
+    if params is not None and dp.leader:  # the weights, to compare ours with ours-2ranks
+        torch.save([p.detach() for p in policy.parameters()], params)
+    return timed | {
         "steps": int(diagnostics["epochs"]) * -(-len(events) // MINIBATCH),
         "diagnostics": finite(diagnostics),
         "config": {name: getattr(learner, name) for name in PPOConfig.model_fields},
     }
 
 
-def worker(contender: str, events_path: Path) -> dict:
+def worker(contender: str, events_path: Path, params: Path | None = None) -> dict | None:
+    dp = from_environment() if contender == "ours-2ranks" else SINGLE
     settings = bench_settings(Settings())
     base = load(settings)
     events = [FeedbackEvent.model_validate_json(line) for line in events_path.read_text().splitlines()]
     if contender == "floor":
         result = run_floor(base, events, settings)
-    elif contender in ("ours", "ours-bf16"):
-        result = run_ours(base, events, settings, bf16=contender == "ours-bf16")
+    elif contender in ("ours", "ours-bf16", "ours-2ranks"):
+        result = run_ours(base, events, settings, contender == "ours-bf16", dp, params)
+        if dp.world > 1:  # the ranks' CPU time and peak memory together; rank 0 reports
+            summed = dp.sum_floats({"cpu_s": result["cpu_s"], "rss_peak_bytes": float(peak_rss())})
+            leave(dp)
+            if not dp.leader:
+                return None
+            result |= {
+                "cpu_s": summed["cpu_s"],
+                "rss_peak_bytes": int(summed["rss_peak_bytes"]),
+                "ranks": dp.world,
+            }
     else:
         from benchmarks.learn_trl import run_trl  # lazy: trl is the optional bench extra
 
         result = run_trl(base, events, settings, epochs=EPOCHS, minibatch=MINIBATCH, max_tokens=MAX_TOKENS)
-    return result | {
-        "contender": contender,
-        "rss_peak_bytes": peak_rss(),
-        "threads": torch.get_num_threads(),
-        "event_epochs_per_s": len(events) * EPOCHS / result["update_s"],
-        "event_epochs_per_cpu_s": len(events) * EPOCHS / result["cpu_s"],
-    }
+    return (
+        {"rss_peak_bytes": peak_rss()}
+        | result
+        | {
+            "contender": contender,
+            "threads": torch.get_num_threads(),
+            "event_epochs_per_s": len(events) * EPOCHS / result["update_s"],
+            "event_epochs_per_cpu_s": len(events) * EPOCHS / result["cpu_s"],
+        }
+    )
 
 
 # --- the parent: subprocesses, table, targets --------------------------------------------------------------
 
 
-def _spawn(args: list[str]) -> dict:
+def _spawn(args: list[str], ranks: int = 1) -> dict:
     env = worker_env(TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    argv = worker_argv("learn", *args)
+    if ranks > 1:  # torchrun, one thread per rank (its default with several ranks, made explicit)
+        env |= {"OMP_NUM_THREADS": "1", "THUMBTUNE_NUM_THREADS": "1"}
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
+        argv = [*torchrun, "--master-addr=127.0.0.1", f"--master-port={free_port()}", *argv[1:]]
     proc = subprocess.run(
-        worker_argv("learn", *args),
+        argv,
         env=env,
         capture_output=True,
         text=True,
@@ -217,12 +257,24 @@ def _spawn(args: list[str]) -> dict:
     raise RuntimeError(f"{' '.join(args[:2])} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def run(settings: Settings, out: Path | None = None, repeats: int = 3, with_trl: bool = True) -> dict:
+def run(
+    settings: Settings,
+    out: Path | None = None,
+    repeats: int = 3,
+    with_trl: bool = True,
+    only: list[str] | None = None,
+) -> dict:
     console = Console() if sys.stdout.isatty() else Console(width=120)
     started = time.perf_counter()
     have_trl = with_trl and importlib.util.find_spec("trl") is not None
     have_fast_bf16 = cpu_has_fast_bf16()
     contenders = [c for c in CONTENDERS if (c != "trl" or have_trl) and (c != "ours-bf16" or have_fast_bf16)]
+    unknown = sorted(set(only or []) - set(CONTENDERS))
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
+    contenders = [c for c in contenders if only is None or c in only]
+    if "ours" not in contenders:
+        raise ValueError("the report compares every contender with ours: include it")
     runs: dict[str, list[dict]] = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory(prefix="thumbtune-bench-learn-") as tmp:
         events_path = Path(tmp) / "events.jsonl"
@@ -243,7 +295,11 @@ def run(settings: Settings, out: Path | None = None, repeats: int = 3, with_trl:
         for r in range(repeats):
             order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for contender in order:
-                res = _spawn(["worker", contender, "--events", str(events_path)])
+                params = Path(tmp) / f"params-{contender}-{r}.pt"
+                res = _spawn(
+                    ["worker", contender, "--events", str(events_path), "--params", str(params)],
+                    ranks=RANKS if contender == "ours-2ranks" else 1,
+                )
                 runs[contender].append(res)
                 console.print(
                     f"  run {r + 1}/{repeats} {contender:>5}: {res['update_s']:6.1f} s "
@@ -251,12 +307,23 @@ def run(settings: Settings, out: Path | None = None, repeats: int = 3, with_trl:
                     f"peak RSS {res['rss_peak_bytes'] / 2**30:.2f} GiB, other processes "
                     f"{res['other_cores']:.2f} cores"
                 )
+        for r, res in enumerate(runs.get("ours-2ranks", [])):  # both contenders of run r are done now
+            res["max_weight_diff_vs_ours"] = _weight_gap(Path(tmp), r)
     elapsed = time.perf_counter() - started
     result = report(console, runs, info, have_trl, with_trl, repeats, elapsed, DESCRIPTIONS, CONFIG)
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
         console.print(f"wrote {out}")
     return result
+
+
+def _weight_gap(tmp: Path, run: int) -> float | None:
+    """max |w_2ranks - w_ours| over every trained weight after the same update, or None without ours."""
+    ours, two = tmp / f"params-ours-{run}.pt", tmp / f"params-ours-2ranks-{run}.pt"
+    if not ours.exists() or not two.exists():
+        return None
+    pairs = zip(torch.load(ours), torch.load(two), strict=True)
+    return max((a - b).abs().max().item() for a, b in pairs)
 
 
 def main() -> None:
@@ -267,12 +334,14 @@ def main() -> None:
     wk = sub.add_parser("worker")
     wk.add_argument("contender", choices=CONTENDERS)
     wk.add_argument("--events", type=Path, required=True)
+    wk.add_argument("--params", type=Path, default=None)
     args = parser.parse_args()
     if args.cmd == "events":
         result = make_events(bench_settings(Settings()), args.out)
     else:
-        result = worker(args.contender, args.events)
-    print("RESULT " + json.dumps(result), flush=True)
+        result = worker(args.contender, args.events, args.params)
+    if result is not None:  # None: a rank other than 0
+        print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

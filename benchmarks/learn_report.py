@@ -107,6 +107,22 @@ def report(
         console.print(
             "ours-bf16 not run: this CPU has neither AMX nor AVX512-BF16, so precision 'auto' is float32"
         )
+    speedup = gap = None
+    if "ours-2ranks" in med:
+        two, runs_2 = med["ours-2ranks"], runs["ours-2ranks"]
+        speedup = med["ours"]["update_s"] / two["update_s"]
+        gaps = [r["max_weight_diff_vs_ours"] for r in runs_2 if r.get("max_weight_diff_vs_ours") is not None]
+        gap = max(gaps) if gaps else None
+        console.print(
+            f"data parallelism: 2 ranks of 1 thread {two['update_s']:.1f} s, ours "
+            f"{med['ours']['update_s']:.1f} s = {speedup:.2f}x ours' speed; peak RSS "
+            f"{two['rss_peak_bytes'] / 2**30:.2f} GiB over both ranks; "
+            + (
+                f"weights after the update within {gap:.2e} of ours"
+                if gap is not None
+                else "weights not compared"
+            )
+        )
     if not have_trl:
         why = "trl is not installed (pip install 'thumbtune[bench]')" if asked_trl else "--no-trl"
         console.print(f"TRL not measured: {why}")
@@ -119,6 +135,7 @@ def report(
         "contenders": descriptions,
         "runs": runs,
         "medians": med,
-        "ratios": {"ours_vs_trl": vs_trl, "ours_vs_floor": vs_floor, "bf16_vs_float32": bf16_speedup},
+        "ratios": {"ours_vs_trl": vs_trl, "ours_vs_floor": vs_floor, "bf16_vs_float32": bf16_speedup}
+        | {"two_ranks_vs_ours": speedup, "two_ranks_max_weight_diff": gap},
         "targets": targets,
     }

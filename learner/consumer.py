@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
-from types import FrameType
 
-import torch
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
@@ -118,6 +115,8 @@ class KafkaLearner:
         self.consumed = 0
         self.lag: int | None = None
         self.stopping = False
+        self.abandoned = False
+        """An update was abandoned by a stop (under data parallelism the other ranks were inside it too)."""
         self._in_update = False
         self._generation = 0  # bumped by every rewind: records polled before it are stale
         self._paused: set[str] = set()
@@ -198,9 +197,11 @@ class KafkaLearner:
                 if self._due():
                     self._cut(ls.min_batch)
                 self._observe()
+                self.learner.heartbeat()  # data parallelism: the other ranks wait within their timeout
                 if self.refine_left > 0 and not self.stopping and not self._batch_waiting():
                     self._refine()
         except StopRequested as stop:
+            self.abandoned = True
             log.info("%s during an update: abandoned it; its events are trained after the restart", stop)
         finally:
             if self._consumer is not None:
@@ -314,6 +315,10 @@ class KafkaLearner:
         self._in_update = True
         try:
             return update()
+        except RuntimeError as exc:
+            if self.stopping:  # data parallelism: the other ranks stopped too, failing a collective under way
+                raise StopRequested(f"stopping ({exc})") from exc
+            raise
         finally:
             self._in_update = False
 
@@ -372,28 +377,3 @@ class KafkaLearner:
         log.warning("test hook: paused at %s (version %s, pid %d)", point, self.learner.version, os.getpid())
         while not self.stopping:
             time.sleep(0.05)
-
-
-def run_learner(settings: Settings, learner_settings: LearnerSettings) -> int:
-    """`thumbtune learn`: serve /metrics, train until SIGINT/SIGTERM, exit 0."""
-    if settings.num_threads > 0:
-        torch.set_num_threads(settings.num_threads)
-    server = metrics.start_metrics_server(learner_settings.metrics_host, learner_settings.metrics_port)
-    progress = Progress(learner_settings.batch_size)
-    loop = KafkaLearner(settings, learner_settings, progress=progress)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        loop.request_stop(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with progress:
-            versions = loop.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if server is not None:
-            server.shutdown()
-    written = " ".join(versions) or "none"
-    log.info("learner stopped at %s; versions written this run: %s", loop.learner.version, written)
-    return 0

@@ -23,6 +23,10 @@ update on the learner's own answers alone, scored by the trusted reward model, w
 trains on no event and covers the same offsets as its parent. Iterated online RLHF (Bai et al. 2022):
 the policy keeps improving while the humans are away, within the same KL leash.
 
+Under data parallelism (learner/distributed.py) the Learner of rank 0 is this one, and it sends the other
+ranks each update's samples, the version they train from and the state the update reads; theirs run
+`follow`, which trains on what it receives until rank 0 says stop.
+
 Before either update the learner leaves a head the cluster refused or rolled back from (`refusals`, fed
 from thumbtune.control by learner/control.py): `step_off_refused` restores the newest version in the store
 that was not, and the update trains on from there (the input's offsets stay where they are).
@@ -38,6 +42,7 @@ import torch
 from learner.checkpoint import load_latest, restore_version, save_version, trained_event_ids
 from learner.config import LearnerSettings
 from learner.control import Refusal, Refusals, restored
+from learner.distributed import SINGLE, DataParallel
 from learner.events import SkipCounter, parse_event, stale_reason, validate_event
 from learner.policy import Batch, Sample, features
 from learner.ptx import PTX_TEXT, PretrainingMix
@@ -51,6 +56,9 @@ from thumbtune.core.settings import Settings
 from thumbtune.core.store import AdapterStore, make_adapter_store
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60.0
+"""Under data parallelism, the longest rank 0 leaves the other ranks without a message while idle."""
 
 LOGGED = (
     "policy_loss",
@@ -84,8 +92,11 @@ class Learner:
         learner_settings: LearnerSettings,
         base: LoadedBase | None = None,
         store: AdapterStore | None = None,
+        dp: DataParallel = SINGLE,
     ) -> None:
         self.settings = settings
+        self.dp = dp
+        """This process's rank among the learner processes (learner/distributed.py)."""
         self.learner_settings = learner_settings
         self.base = base if base is not None else load_base(settings)
         self.store = (
@@ -94,6 +105,7 @@ class Learner:
             else make_adapter_store(settings.adapter_store_path, settings.adapter_cache_path)
         )
         self.policy, self.state = load_latest(self.store, self.base, settings, learner_settings)
+        dp.broadcast_parameters(self.policy.parameters())  # every rank starts from rank 0's weights
         self.skips = SkipCounter()
         self.admitted: set[str] = trained_event_ids(self.store)
         """Ids trained on (per the store) or admitted since the start: a later copy is a duplicate."""
@@ -112,6 +124,8 @@ class Learner:
         ls = learner_settings
         self.ptx = PretrainingMix(self.base.tokenizer, ls.ptx_text or PTX_TEXT) if ls.ptx_coef > 0 else None
         self._signal: str | None = None
+        self._told = time.monotonic()
+        """When rank 0 last sent the other ranks a message (`heartbeat`)."""
 
     @property
     def version(self) -> str:
@@ -194,7 +208,8 @@ class Learner:
     ) -> str:
         """PPO on ``human + own`` and the new version (trained on ``events``) in the store."""
         batch = Batch.from_samples(human + own, self.pad_id)
-        diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings, self.ptx)
+        self._tell_followers("update", parent=self.version, samples=human + own, state=self.state.shared())
+        diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings, self.ptx, self.dp)
         diagnostics |= figures
         diagnostics |= {
             "signal.human_answers": float(len(human)),
@@ -216,6 +231,7 @@ class Learner:
             extra=self._control_fields(),
         )
         self.newest, self._restored = version, None
+        self._tell_followers("saved", version=version)
         log.info(
             "trained %s from %s on %d events and %d own answers: %s",
             version,
@@ -225,6 +241,50 @@ class Learner:
             " ".join(f"{k}={diagnostics[k]:.4g}" for k in LOGGED if k in diagnostics),
         )
         return version
+
+    # --- data parallelism (learner/distributed.py) ---------------------------------------------------------
+
+    def _tell_followers(self, kind: str, **message: object) -> None:
+        """Rank 0: send the other ranks a message (nothing in one process)."""
+        if self.dp.world > 1:
+            self.dp.broadcast({"kind": kind, **message})
+            self._told = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Rank 0, while no ratings come: tell the other ranks it is alive every HEARTBEAT_S, so that
+        their wait for the next update stays within the collectives' timeout (30 min for gloo)."""
+        if self.dp.world > 1 and time.monotonic() - self._told >= HEARTBEAT_S:
+            self._tell_followers("idle")
+
+    def stop_followers(self) -> None:
+        """Rank 0: end the other ranks' `follow` (ranks already gone are not waited for)."""
+        try:
+            self._tell_followers("stop")
+        except RuntimeError as exc:
+            log.warning("could not tell the other learner ranks to stop (%s); they stop with torchrun", exc)
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's PPO updates with it, each on the batch and state it sends, until
+        it says stop. Weights that are not the version an update trains from (rank 0 stepped off a refused
+        head, or did not save) are first restored from the store, where rank 0's are."""
+        while (message := self.dp.broadcast())["kind"] != "stop":
+            if message["kind"] == "saved":
+                self.policy.version = message["version"]
+            if message["kind"] != "update":
+                continue
+            if message["parent"] != self.version:
+                log.warning(
+                    "rank %d: at %s, the update trains from %s: restoring it",
+                    self.dp.rank,
+                    self.version,
+                    message["parent"],
+                )
+                self.state = restore_version(
+                    self.policy, self.store, message["parent"], self.base, self.learner_settings
+                )
+            self.state.load_shared(message["state"])
+            batch = Batch.from_samples(message["samples"], self.pad_id)
+            ppo_update(self.policy, batch, self.state, self.learner_settings, self.ptx, self.dp)
 
     def step_off_refused(self) -> None:
         """If the head was refused (or rolled back from) on thumbtune.control, restore the newest version in

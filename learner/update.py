@@ -39,6 +39,7 @@ from torch import Tensor
 
 from learner.average import WeightAverage, lora_parameters, trained_weights
 from learner.config import PPOConfig
+from learner.distributed import SINGLE, DataParallel
 from learner.kl import AdaptiveKLController, FixedKLController, kl_controller
 from learner.policy import Batch, Policy, PolicyOutput
 from learner.ppo import (
@@ -109,6 +110,26 @@ class LearnerState:
             "raters": self.raters.state_dict(),
         }
 
+    def shared(self) -> dict:
+        """What `ppo_update` reads of the state besides the weights and the optimizer, which the other ranks
+        keep in step by training alike (learner/distributed.py): sent to them before each update, since
+        rank 0 alone also draws from the generator (rollouts) and may restore an older version."""
+        return {
+            "kl_controller": self.kl_controller.state_dict(),
+            "reward_moments": self.reward_moments.state_dict(),
+            "length_moments": self.length_moments.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_shared(self, shared: dict) -> None:
+        """Take rank 0's `shared` state."""
+        self.kl_controller.load_state_dict(shared["kl_controller"])
+        self.reward_moments.load_state_dict(shared["reward_moments"])
+        self.length_moments.load_state_dict(shared["length_moments"])
+        self.generator.set_state(shared["generator"])
+        self.updates = int(shared["updates"])
+
     def load_state_dict(self, state: dict) -> None:
         """Restore; the learning rate stays the configured one, so a changed THUMBTUNE_LEARNER_LR applies."""
         lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -139,12 +160,14 @@ def row_chunks(batch: Batch, index: Tensor, max_tokens: int | None) -> list[Tens
     return list(index.tensor_split(min(len(index), math.ceil(len(index) * width / max_tokens))))
 
 
-def forward_chunked(policy: Policy, batch: Batch, max_tokens: int | None, **kwargs: bool) -> PolicyOutput:
-    """`Policy.forward_batch` over row chunks, each output right-padded back to the batch's T with zeros
-    (what the masked outputs hold on padding anyway)."""
+def forward_chunked(
+    policy: Policy, batch: Batch, max_tokens: int | None, rows: Tensor | None = None, **kwargs: bool
+) -> PolicyOutput:
+    """`Policy.forward_batch` over row chunks of ``rows`` (all by default), each output right-padded back to
+    the batch's T with zeros (what the masked outputs hold on padding anyway)."""
+    rows = torch.arange(len(batch), device=policy.device) if rows is None else rows.to(policy.device)
     chunks = [
-        policy.forward_batch(batch.subset(index), **kwargs)
-        for index in row_chunks(batch, torch.arange(len(batch), device=policy.device), max_tokens)
+        policy.forward_batch(batch.subset(index), **kwargs) for index in row_chunks(batch, rows, max_tokens)
     ]
     width = batch.mask.shape[1]
 
@@ -158,6 +181,19 @@ def forward_chunked(policy: Policy, batch: Batch, max_tokens: int | None, **kwar
         return torch.cat([padded(part) for part in parts])
 
     return PolicyOutput(*(joined(list(parts)) for parts in zip(*chunks, strict=True)))
+
+
+def forward_shared(
+    policy: Policy, batch: Batch, max_tokens: int | None, dp: DataParallel, **kwargs: bool
+) -> PolicyOutput:
+    """`forward_chunked` of the whole batch on every rank, each rank computing its slice of the rows
+    (learner/distributed.py); one process, or fewer rows than ranks: computed whole."""
+    if dp.world == 1 or len(batch) < dp.world:
+        return forward_chunked(policy, batch, max_tokens, **kwargs)
+    index = torch.arange(len(batch))
+    sizes = [len(rows) for rows in index.tensor_split(dp.world)]
+    out = forward_chunked(policy, batch, max_tokens, rows=dp.rows(index), **kwargs)
+    return PolicyOutput(*(None if part is None else dp.gather_rows(part, sizes) for part in out))
 
 
 def importance_weights(policy: Policy, batch: Batch, c: float) -> Tensor:
@@ -185,10 +221,17 @@ def normalised_scores(batch: Batch, state: LearnerState, cfg: PPOConfig) -> Tens
 
 
 def ppo_update(
-    policy: Policy, batch: Batch, state: LearnerState, cfg: PPOConfig, ptx: PretrainingMix | None = None
+    policy: Policy,
+    batch: Batch,
+    state: LearnerState,
+    cfg: PPOConfig,
+    ptx: PretrainingMix | None = None,
+    dp: DataParallel = SINGLE,
 ) -> dict[str, float]:
     """Train ``policy`` on ``batch`` in place (steps 1-7 above) and return the update's diagnostics; with
-    ``ptx`` and ``cfg.ptx_coef`` > 0 every minibatch adds the pretraining-mix term."""
+    ``ptx`` and ``cfg.ptx_coef`` > 0 every minibatch adds the pretraining-mix term. Under data parallelism
+    (``dp``, learner/distributed.py) every rank calls it on the same batch and state, and computes its share
+    of the rows."""
     started = time.perf_counter()
     batch = batch.to(policy.device)
     mask = batch.mask
@@ -196,9 +239,11 @@ def ppo_update(
 
     # 1. the starting policy, the reference, the critic
     with torch.no_grad():
-        old = forward_chunked(policy, batch, max_tokens, with_values=True, with_entropy=True, tempered=True)
-        ref = forward_chunked(
-            policy, batch, max_tokens, with_values=False, reference=True, with_log_dist=cfg.kl_coef > 0
+        old = forward_shared(
+            policy, batch, max_tokens, dp, with_values=True, with_entropy=True, tempered=True
+        )
+        ref = forward_shared(
+            policy, batch, max_tokens, dp, with_values=False, reference=True, with_log_dist=cfg.kl_coef > 0
         )
     old_logprobs, old_values = old.logprobs, old.values
 
@@ -214,7 +259,7 @@ def ppo_update(
 
     # 6. epochs x minibatches
     params = policy.parameters()
-    kl_loss_name = ("kl_loss",) if cfg.kl_coef > 0 else ()
+    names = ("policy_loss", "value_loss", "approx_kl", "clipfrac", *(("kl_loss",) if cfg.kl_coef > 0 else ()))
     stats: dict[str, list[float]] = defaultdict(list)
     epochs_run, early_stopped = 0, False
     for _ in range(cfg.epochs):
@@ -223,8 +268,9 @@ def ppo_update(
             index = index.to(policy.device)
             state.optimizer.zero_grad(set_to_none=True)
             tokens = mask[index].sum().item()
-            minibatch: dict[str, float] = defaultdict(float)
-            for part in row_chunks(batch, index, max_tokens):  # one part unless over the token budget
+            minibatch = dict.fromkeys(names, 0.0)
+            mine = dp.rows(index)  # all of it in one process
+            for part in row_chunks(batch, mine, max_tokens) if len(mine) else []:  # one unless over budget
                 mb = batch.subset(part)
                 cols = slice(0, mb.mask.shape[1])
                 new = policy.forward_batch(
@@ -246,10 +292,12 @@ def ppo_update(
                 )
                 share = mb.mask.sum().item() / max(tokens, 1.0)  # token means: shares add up to 1 exactly
                 (loss * share).backward()
-                for name in ("policy_loss", "value_loss", "approx_kl", "clipfrac", *kl_loss_name):
+                for name in names:
                     minibatch[name] += share * diag[name]
             if ptx is not None and cfg.ptx_coef > 0:
-                minibatch["ptx_nll"] = pretraining_mix_step(policy, ptx, state, cfg)
+                minibatch["ptx_nll"] = pretraining_mix_step(policy, ptx, state, cfg, dp)
+            minibatch = dp.sum_floats(minibatch)  # the ranks' shares add up to the minibatch's figures
+            dp.sum_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             state.optimizer.step()
             for name, value in minibatch.items():
@@ -294,14 +342,23 @@ def ppo_update(
     return {name: float(value) for name, value in diagnostics.items()}
 
 
-def pretraining_mix_step(policy: Policy, ptx: PretrainingMix, state: LearnerState, cfg: PPOConfig) -> float:
+def pretraining_mix_step(
+    policy: Policy, ptx: PretrainingMix, state: LearnerState, cfg: PPOConfig, dp: DataParallel = SINGLE
+) -> float:
     """Backpropagate L_ptx = -gamma * mean_t log pi_theta(x_t | x_<t) on ``ptx_batch`` passages
-    (learner/ptx.py) into the minibatch's gradient; returns the passages' mean NLL per token."""
-    passages = ptx.batch(cfg.ptx_batch, state.generator)
-    out = policy.forward_batch(passages, with_values=False)
-    nll = -masked_mean(out.logprobs, passages.mask.to(policy.device))
-    (cfg.ptx_coef * nll).backward()
-    return nll.item()
+    (learner/ptx.py) into the minibatch's gradient; returns the passages' mean NLL per token. Under data
+    parallelism each rank takes its slice of the passages, at its share of their tokens (the ranks' returns
+    add up to the mean)."""
+    passages = ptx.batch(cfg.ptx_batch, state.generator)  # the same passages on every rank
+    mine = dp.rows(torch.arange(len(passages)))
+    if not len(mine):
+        return 0.0
+    part = passages.subset(mine) if dp.world > 1 else passages
+    share = part.mask.sum().item() / passages.mask.sum().item()
+    out = policy.forward_batch(part, with_values=False)
+    nll = -masked_mean(out.logprobs, part.mask.to(policy.device))
+    (cfg.ptx_coef * share * nll).backward()
+    return share * nll.item()
 
 
 def human_mean(batch: Batch) -> float:

@@ -7,6 +7,7 @@ kubernetes-validate's bundled schemas for KUBE_VERSION (strict: unknown fields a
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from collections.abc import Iterator
 
@@ -51,7 +52,10 @@ PRODUCTION = {
 }
 """GPU learner, ingress with TLS, an existing Secret, autoscaling, ServiceMonitors, a shared model cache."""
 
-VALUE_SETS = {"minimal": MINIMAL, "production": PRODUCTION}
+DATA_PARALLEL = PRODUCTION | {"learner": PRODUCTION["learner"] | {"gpu": 4, "processes": 4}}
+"""The production values with a learner of four data-parallel ranks on four GPUs."""
+
+VALUE_SETS = {"minimal": MINIMAL, "production": PRODUCTION, "data-parallel": DATA_PARALLEL}
 Release = tuple[str, list[dict], str]
 """(values set name, rendered manifests, NOTES.txt)"""
 OWNED = {  # set by the chart from other values (or kept in the Secret): refused under settings
@@ -133,7 +137,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(release: Releas
         "PodDisruptionBudget": 1,
         "Secret": 1,
     }
-    if name == "production":  # existingSecret, a model-cache claim, ingress, HPA, two ServiceMonitors
+    if name != "minimal":  # existingSecret, a model-cache claim, ingress, HPA, two ServiceMonitors
         expected |= {
             "Secret": 0,
             "PersistentVolumeClaim": 2,
@@ -347,3 +351,29 @@ def test_default_values_keep_the_learner_on_cpu_and_say_how_to_reach_everything(
         "learner.gpu=1",
     ):
         assert text in notes
+
+
+def test_a_data_parallel_learner_runs_one_rank_per_gpu_under_torchrun_with_shared_memory() -> None:
+    docs, _ = render(DATA_PARALLEL)
+    pod = by_kind(docs, "Deployment")["tt-thumbtune-learner"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][:3] == ["python", "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=4" in c["command"] and c["command"][-2:] == ["-m", "thumbtune.cli"]
+    assert c["args"] == ["learn"] and c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    shm = {v["name"]: v for v in pod["volumes"]}["shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    single = container(render(PRODUCTION)[0], "tt-thumbtune-learner")
+    assert "command" not in single and "shm" not in {m["name"] for m in single["volumeMounts"]}
+
+
+@pytest.mark.parametrize(
+    ("learner", "message"),
+    [
+        ({"gpu": 2, "processes": 4}, "learner.processes (4) cannot exceed learner.gpu (2)"),
+        ({"processes": 0}, "learner.processes must be at least 1"),
+    ],
+)
+def test_impossible_learner_process_counts_are_refused(learner: dict, message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(MINIMAL | {"learner": learner})

@@ -104,7 +104,7 @@ def learn(
             raise typer.BadParameter(
                 "--once needs --from-file (the Kafka learner runs until stopped)", param_hint="--once"
             )
-        from learner.consumer import run_learner  # lazy: start-up time (torch)
+        from learner.process import run_learner  # lazy: start-up time (torch)
 
         raise typer.Exit(run_learner(settings, LearnerSettings()))
     from learner.replay import run_from_file  # lazy: start-up time (torch)
