@@ -212,9 +212,11 @@ def worker(contender: str, events_path: Path, params: Path | None = None) -> dic
             leave(dp)
             if not dp.leader:
                 return None
-            result |= {
+            others = result["other_cores"] - (summed["cpu_s"] - result["cpu_s"]) / result["update_s"]
+            result |= {  # the other ranks are not other processes' noise
                 "cpu_s": summed["cpu_s"],
                 "rss_peak_bytes": int(summed["rss_peak_bytes"]),
+                "other_cores": max(0.0, others),
                 "ranks": dp.world,
             }
     else:

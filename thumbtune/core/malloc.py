@@ -10,9 +10,10 @@ every size for hours turns into resident memory that only grows (docs/BENCHMARKS
 - Each thread that allocates may get its own arena (up to 8 per core), each with its own free lists:
   M_ARENA_MAX bounds them.
 
-``tune_malloc`` sets either once at start-up, before the model is loaded (both off by default: bench soak
-with the threshold at 128 KiB and 2 arenas kept RSS flat before its broker pause, but every activation
-then paid a fresh mapping and the answers took 3x as long; docs/BENCHMARKS.md, "Soak");
+``tune_malloc`` sets either once at start-up, before the model is loaded (both off by default: on the same
+machine, bench soak with the threshold at 128 KiB and 2 arenas kept RSS flat before its broker pause, where
+glibc's defaults swing by 40 MB, but every large activation then paid a fresh mapping: 573 answers in 30
+minutes instead of 745, and RSS still rose after the pause; docs/BENCHMARKS.md, "Soak");
 ``release_freed_memory`` returns the free top of every heap (malloc_trim) after a burst of frees, such as
 adapters unloaded.
 """

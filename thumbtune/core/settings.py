@@ -40,8 +40,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="The server's glibc M_MMAP_THRESHOLD in bytes, fixed: larger blocks are mapped on their "
-        "own and returned when freed (thumbtune/core/malloc.py; 131072 cost 3x the latency in bench soak); "
-        "0 = glibc's default, which grows.",
+        "own and returned when freed (thumbtune/core/malloc.py; 131072 cost a quarter of bench soak's "
+        "throughput); 0 = glibc's default, which grows.",
     )
     malloc_arena_max: int = Field(
         0, ge=0, description="The server's glibc M_ARENA_MAX (malloc arenas); 0 = glibc's default (8 a core)."
