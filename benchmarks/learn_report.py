@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.report import print_targets, warn_if_noisy
+from learner.policy import cpu_has_fast_bf16
 
 TARGETS = {"vs_trl": 1.3, "vs_floor": 0.75, "rss_gib": 3.0}
 
@@ -105,7 +106,9 @@ def report(
     else:
         bf16_speedup = None
         console.print(
-            "ours-bf16 not run: this CPU has neither AMX nor AVX512-BF16, so precision 'auto' is float32"
+            "ours-bf16 not run: not among --contenders"
+            if cpu_has_fast_bf16()
+            else "ours-bf16 not run: this CPU has neither AMX nor AVX512-BF16, so precision 'auto' is float32"
         )
     speedup = gap = None
     if "ours-2ranks" in med:
