@@ -189,8 +189,11 @@ def test_simulated_thumbs_train_versions_the_server_swaps_in_and_approval_rises(
     assert rt.adapters.live == last and describe(rt.adapter_manager).refused == {}
     assert list(served)[0] == "v0"
     assert {r.adapter_version for r in report.ratings[-PHASES[-1] * BATCH :]} >= {f"v{sum(PHASES[:-1])}"}
+    # (the users' own ratings are few: ~96 of v0's answers, ~160 later, so the difference of the two shares
+    # has a standard deviation of ~0.065: a margin of 0.1 failed one `make test` on 2026-12-06 with 0.55
+    # against 0.48, and passed when run again; the fresh answers below hold the 0.1 margin)
     later = [a for r in report.ratings if r.adapter_version not in ("v0", "v1") for a in r.approved]
-    assert len(later) >= BATCH and sum(later) / len(later) >= served["v0"]["approval"] + 0.1, served
+    assert len(later) >= BATCH and sum(later) / len(later) >= served["v0"]["approval"] + 0.05, served
     # and measured apart from the rated traffic, 384 fresh answers per version: both later versions beat v0,
     # by 0.1 on average (seen: +0.15 to +0.22; PPO on a random model does not climb monotonically)
     middle = learner.versions[len(learner.versions) // 2 - 1]
