@@ -39,13 +39,13 @@ def bench_learn(
 ) -> None:
     """PPO update throughput on 64 fixed rated answers: the learner vs the floor of any PPO update vs TRL,
     and the learner as 2 data-parallel ranks."""
-    from benchmarks.learn import CONTENDERS, run  # lazy: start-up time (torch), for every `thumbtune` command
+    from benchmarks.learn import check_contenders, run  # lazy: start-up time (torch), for every command
 
     only = [c.strip() for c in contenders.split(",") if c.strip()] if contenders else None
-    if only is not None and ("ours" not in only or not set(only) <= set(CONTENDERS)):
-        raise typer.BadParameter(
-            f"choose from {', '.join(CONTENDERS)}, ours included", param_hint="--contenders"
-        )
+    try:
+        check_contenders(only)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--contenders") from exc
     run(configure(), out=out, repeats=repeats, with_trl=trl, only=only)
 
 

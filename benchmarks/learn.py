@@ -259,6 +259,13 @@ def _spawn(args: list[str], ranks: int = 1) -> dict:
     raise RuntimeError(f"{' '.join(args[:2])} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
+def check_contenders(only: list[str] | None) -> None:
+    """A ValueError unless ``only`` (None: all) names known contenders, ours among them (the report compares
+    every contender with ours)."""
+    if only is not None and ("ours" not in only or not set(only) <= set(CONTENDERS)):
+        raise ValueError(f"choose from {', '.join(CONTENDERS)}, ours included; got {', '.join(only)}")
+
+
 def run(
     settings: Settings,
     out: Path | None = None,
@@ -270,13 +277,9 @@ def run(
     started = time.perf_counter()
     have_trl = with_trl and importlib.util.find_spec("trl") is not None
     have_fast_bf16 = cpu_has_fast_bf16()
+    check_contenders(only)
     contenders = [c for c in CONTENDERS if (c != "trl" or have_trl) and (c != "ours-bf16" or have_fast_bf16)]
-    unknown = sorted(set(only or []) - set(CONTENDERS))
-    if unknown:
-        raise ValueError(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
     contenders = [c for c in contenders if only is None or c in only]
-    if "ours" not in contenders:
-        raise ValueError("the report compares every contender with ours: include it")
     runs: dict[str, list[dict]] = {c: [] for c in contenders}
     with tempfile.TemporaryDirectory(prefix="thumbtune-bench-learn-") as tmp:
         events_path = Path(tmp) / "events.jsonl"
@@ -297,11 +300,10 @@ def run(
         for r in range(repeats):
             order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for contender in order:
-                params = Path(tmp) / f"params-{contender}-{r}.pt"
-                res = _spawn(
-                    ["worker", contender, "--events", str(events_path), "--params", str(params)],
-                    ranks=RANKS if contender == "ours-2ranks" else 1,
-                )
+                args = ["worker", contender, "--events", str(events_path)]
+                if contender in ("ours", "ours-2ranks"):  # their weights, for the gap between them
+                    args += ["--params", str(Path(tmp) / f"params-{contender}-{r}.pt")]
+                res = _spawn(args, ranks=RANKS if contender == "ours-2ranks" else 1)
                 runs[contender].append(res)
                 console.print(
                     f"  run {r + 1}/{repeats} {contender:>5}: {res['update_s']:6.1f} s "

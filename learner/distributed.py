@@ -4,7 +4,8 @@
 
 Rank 0 is the learner a single process is: it reads Kafka, cuts batches, fits the reward model, samples its
 own answers, writes, announces and commits versions. Before each PPO update it sends the other ranks what
-the update trains on (`Replicas.update`: the samples and the version they train from) and every rank runs
+the update trains on (learner/trainer.py: the samples, the version they train from and the state the update
+reads; `Learner.follow` receives them) and every rank runs
 `ppo_update` on that batch with a share of its rows (learner/update.py):
 
 - step 1, the no-grad passes: rank r computes the r-th of N contiguous near-equal row slices and the

@@ -208,7 +208,10 @@ class Learner:
     ) -> str:
         """PPO on ``human + own`` and the new version (trained on ``events``) in the store."""
         batch = Batch.from_samples(human + own, self.pad_id)
-        self._tell_followers("update", parent=self.version, samples=human + own, state=self.state.shared())
+        if self.dp.world > 1:  # the message is built only for other ranks to hear it
+            self._tell_followers(
+                "update", parent=self.version, samples=human + own, state=self.state.shared()
+            )
         diagnostics = ppo_update(self.policy, batch, self.state, self.learner_settings, self.ptx, self.dp)
         diagnostics |= figures
         diagnostics |= {

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
-from benchmarks.learn import CONFIG, DESCRIPTIONS
+from benchmarks.learn import CONFIG, DESCRIPTIONS, check_contenders
 from benchmarks.learn_report import report
 
 INFO = {
@@ -49,3 +50,11 @@ def test_ours_and_two_ranks_alone_report_the_ratio_and_the_weight_gap() -> None:
         and result["targets"]["ours / floor, event-epochs/s"]["pass"] is None
     )
     assert "0.91x ours' speed" in text and "within 3.00e-07 of ours" in text
+
+
+def test_contenders_must_be_known_and_include_ours() -> None:
+    check_contenders(None)
+    check_contenders(["ours", "ours-2ranks"])
+    for bad in (["ours-2ranks"], ["ours", "tlr"]):
+        with pytest.raises(ValueError, match="ours included"):
+            check_contenders(bad)
