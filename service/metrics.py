@@ -138,6 +138,10 @@ ADAPTER_PROBE_KL = Gauge(
     "KL of the last checked version on the probe prompts (nats per token).",
     ["against"],
 )
+VLLM_PROOF_DIFF = Gauge(
+    "thumbtune_vllm_proof_max_diff",
+    "Largest |log pi_vllm - log pi_local| (nats) on the proof answer of the last version loaded into vLLM.",
+)
 """against: live, base."""
 
 

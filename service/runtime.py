@@ -23,6 +23,7 @@ from service.canary.ratings import VersionRatings
 from service.canary.stream import RatingsFollower
 from service.engine.engine import Engine
 from service.engine.registry import AdapterRegistry, with_empty_adapter
+from service.engine.vllm import VLLMEngine
 from service.publisher import FeedbackPublisher
 from service.serving_models import ServingModels
 from service.store import CompletionStore, make_store
@@ -40,7 +41,7 @@ plane's thread reads it later and reconciles)."""
 @dataclass
 class Runtime:
     settings: Settings
-    engine: Engine
+    engine: Engine | VLLMEngine
     adapters: AdapterRegistry
     models: ServingModels
     tokenizer: PreTrainedTokenizerBase
@@ -79,12 +80,15 @@ def build_runtime(settings: Settings) -> Runtime:
     model = with_empty_adapter(base.model, settings)
     adapters = AdapterRegistry(model)
     max_context = settings.max_context or int(getattr(base.model.config, "max_position_embeddings", 2048))
-    engine = Engine(
+    engine: Engine | VLLMEngine = Engine(
         model, base.tokenizer, adapters, max_batch_size=settings.max_batch_size, max_context=max_context
     )
+    if settings.engine == "vllm":  # the embedded engine stays, for the checks: it serves no requests
+        engine = VLLMEngine(engine, settings)
     store = make_store(settings)
     publisher = FeedbackPublisher(settings)
     engine.start()
+    max_context = engine.max_context  # vLLM's window may be smaller
     publisher.start()
     manager = AdapterManager(settings, engine, adapters, base)
     control = ControlPlane(settings, manager) if settings.adapter_follow else None
@@ -113,11 +117,12 @@ def build_runtime(settings: Settings) -> Runtime:
         )
         tallies.judge.start()
     log.info(
-        "serving %s (fingerprint %s) with adapter %s, context %d",
+        "serving %s (fingerprint %s) with adapter %s, context %d, engine %s",
         base.model_id,
         base.fingerprint,
         adapters.live,
         max_context,
+        settings.engine,
     )
     return Runtime(
         settings,

@@ -176,6 +176,7 @@ class ChatService:
                 finish_reason=seq.finish_reason,
                 text=seq.text,
                 n=len(seqs),
+                engine=self.rt.settings.engine,
             )
             for rid, seq in zip(p.response_ids, seqs, strict=True)
         ]

@@ -23,6 +23,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from thumbtune.core.contract import (
+    Engine,
     FeedbackEvent,
     FeedbackKind,
     Message,
@@ -59,6 +60,9 @@ class StoredCompletion(BaseModel):
     text: str
     n: int | None = Field(
         default=None, description="How many answers the request asked for (None: stored before it was kept)."
+    )
+    engine: Engine | None = Field(
+        default=None, description="What generated it (None: stored before it was kept)."
     )
 
     @model_validator(mode="after")

@@ -5,7 +5,8 @@
   2. one ``engine.call``: insert the LoRA modules and weights, staged (not servable yet),
   3. the KL probe: one ``engine.call`` per (probe prompt, adapter), so decode steps go on in between;
      the live version's and the base's log-probs are cached, so usually only the new rows run,
-  4. publish (``thumbtune@vN`` resolves),
+  4. install into the engine (with vLLM: load it there under its immutable name and prove it is served),
+     then publish (``thumbtune@vN`` resolves),
   5. the capability gate (service/adapters/capability.py; automatic steps only, like KL(new || live)):
      checkable prompts answered greedily through the engine, against live's answers; a refused
      version is withdrawn again.
@@ -22,7 +23,7 @@ import torch
 from service import metrics
 from service.adapters.capability import CapabilityGate
 from service.adapters.checks import Refused, build_probes, check_files, mean_kl, module_shapes, probe_logprobs
-from service.engine.engine import Engine
+from service.engine.engine import Engine, ProofFailed
 from service.engine.registry import BASE, AdapterRegistry, UnknownAdapter
 from thumbtune.core.base_model import LoadedBase
 from thumbtune.core.contract import BASE_VERSION, AdapterAnnouncement
@@ -99,6 +100,10 @@ class Admission:
                         f"prompts > THUMBTUNE_ADAPTER_MAX_KL_BASE = "
                         f"{s.adapter_max_kl_base}",
                     )
+            try:
+                self.engine.install(version, checked.directory)
+            except ProofFailed as exc:
+                raise Refused("proof", str(exc)) from exc
             self.registry.publish(version)
         finally:
             self.registry.unstage(version)  # refused: the engine unloads it at its next step

@@ -39,11 +39,13 @@ REASONS = (
     "kl_base",
     "load_error",
     "capability",
+    "proof",
     "operator",
     "canary",
 )
-"""Why a version was refused: the check it failed, ``operator`` (POST /admin/adapters/refuse) or ``canary``
-(the canary judge: users liked it less than live)."""
+"""Why a version was refused: the check it failed (``proof``: the engine generating elsewhere, vLLM, did not
+serve its weights after loading them; service/engine/vllm.py), ``operator`` (POST /admin/adapters/refuse)
+or ``canary`` (the canary judge: users liked it less than live)."""
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

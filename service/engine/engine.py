@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -39,6 +40,10 @@ from thumbtune.core.contract import SamplingParams
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class ProofFailed(Exception):
+    """An engine that generates elsewhere (vLLM) does not serve the weights it was given."""
 
 
 @dataclass
@@ -141,6 +146,16 @@ class Engine:
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
+
+    def wake(self) -> None:
+        """Wake the scheduler if it sleeps idle, so it unloads versions nobody uses any more now."""
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def install(self, version: str, directory: Path) -> None:
+        """Make a loaded, checked version servable by this engine. The embedded engine serves from the model
+        the version was loaded into, so there is nothing to do (`VLLMEngine.install` loads it into vLLM and
+        proves it is served, or raises `ProofFailed`)."""
 
     @property
     def alive(self) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,6 +69,10 @@ class AdapterRegistry:
         self.canary_share = 0.0
         self._staged: set[str] = set()
         self._resolved_at: dict[str, float] = {}
+        self.in_use_elsewhere: Callable[[], set[str]] | None = None
+        """Versions requests use outside the engine that collects (an engine generating elsewhere, vLLM)."""
+        self.on_unload: Callable[[str], None] | None = None
+        """Called with each version unloaded here (that engine unloads it too)."""
         metrics.ACTIVE_ADAPTER.labels(live).set(1)
 
     def resolve(self, requested: str) -> str:
@@ -181,8 +185,11 @@ class AdapterRegistry:
     def collect(self, in_use: set[str]) -> list[str]:
         """Unload versions nobody needs any more (engine thread, between steps); returns their names."""
         now = time.monotonic()
+        # asked before taking the lock (that engine takes its own lock, then this one, to bind a request);
+        # a request bound since then resolved its version within RESOLVE_GRACE_S, which keeps it
+        elsewhere = self.in_use_elsewhere() if self.in_use_elsewhere is not None else set()
         with self._lock:
-            keep = {self.live, BASE_VERSION, self.canary} | self._staged | in_use
+            keep = {self.live, BASE_VERSION, self.canary} | self._staged | in_use | elsewhere
             keep |= {v for v, at in self._resolved_at.items() if now - at < RESOLVE_GRACE_S}
             retired = [v for v in self.present() if v not in keep]
             for version in retired:
@@ -202,6 +209,8 @@ class AdapterRegistry:
         if self.model.active_adapter == version:
             self.model.set_adapter(self.live if self.live in self.model.peft_config else BASE_VERSION)
         self.model.delete_adapter(version)
+        if self.on_unload is not None:
+            self.on_unload(version)
 
     # --- routing a batch (engine thread) ------------------------------------------------------------
 

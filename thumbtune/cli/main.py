@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,21 @@ def up() -> None:
     from thumbtune.cli.up import up as run_up  # lazy: start-up time (the learner's settings import torch)
 
     raise typer.Exit(run_up(configure()))
+
+
+@app.command()
+def vllm() -> None:
+    """Run the vLLM server thumbtune generates through with THUMBTUNE_ENGINE=vllm (in the foreground)."""
+    from thumbtune.cli.vllm import VLLMNotInstalled, vllm_command, vllm_python  # lazy: imports the model code
+
+    settings = configure()
+    try:
+        argv, env = vllm_command(settings, vllm_python(settings))
+    except VLLMNotInstalled as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo("thumbtune vllm: " + " ".join(argv), err=True)
+    os.execve(argv[0], argv, env)  # vLLM replaces this process: its signals, its exit code
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """`thumbtune up`: the whole system as child processes, with prefixed logs and a clean stop.
 
-Starts the embedded broker (unless THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS names another broker),
+Starts the embedded broker (unless THUMBTUNE_KAFKA_BOOTSTRAP_SERVERS names another broker), with
+THUMBTUNE_ENGINE=vllm a vLLM server (unless THUMBTUNE_VLLM_URL names one; thumbtune/cli/vllm.py),
 the server and the learner, waits until each is ready, prints where to reach them, and on Ctrl-C or
 SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after a grace period), leaving no
 process behind. Each child also gets SIGTERM if this process dies without cleaning up
@@ -14,9 +15,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from learner.config import LearnerSettings
 from thumbtune.cli.process import ChildExited, ChildProcess
+from thumbtune.cli.vllm import VLLMNotInstalled, vllm_command, vllm_python, vllm_url
 from thumbtune.core.settings import Settings
 
 GRACE_S = 20.0
@@ -24,12 +27,16 @@ BROKER_READY_LINE = "thumbtune broker: Kafka protocol on"
 """What `thumbtune broker` prints once its topics exist (thumbtune/cli/broker.py)."""
 
 
-def _child(name: str, *command: str, env: dict[str, str]) -> ChildProcess:
+def _echo(name: str) -> Callable[[str], None]:
     def echo(line: str) -> None:
         sys.stdout.write(f"[{name}] {line}")
         sys.stdout.flush()
 
-    return ChildProcess(name, [sys.executable, "-m", "thumbtune.cli", *command], env=env, on_line=echo)
+    return echo
+
+
+def _child(name: str, *command: str, env: dict[str, str]) -> ChildProcess:
+    return ChildProcess(name, [sys.executable, "-m", "thumbtune.cli", *command], env=env, on_line=_echo(name))
 
 
 def canaries(share: str) -> str:
@@ -58,6 +65,15 @@ def up(settings: Settings) -> int:
             broker.wait_line(BROKER_READY_LINE, 60)
         else:
             print(f"[up] using the Kafka at {settings.kafka_bootstrap_servers}", flush=True)
+        engine = "embedded (thumbtune's own)"
+        if settings.engine == "vllm":
+            if settings.vllm_url is None:  # start one; the server generates through it
+                argv, vllm_env = vllm_command(settings, vllm_python(settings))
+                vllm = ChildProcess("vllm", argv, env=dict(vllm_env, **env), on_line=_echo("vllm"))
+                children.append(vllm.start())
+                env["THUMBTUNE_VLLM_URL"] = vllm_url(settings)
+                vllm.wait_http(f"{env['THUMBTUNE_VLLM_URL']}/v1/models", 900)
+            engine = f"vllm at {env.get('THUMBTUNE_VLLM_URL', settings.vllm_url)}"
         server = _child("server", "serve", env=env)
         children.append(server.start())
         base = f"http://{settings.host}:{settings.port}"
@@ -77,6 +93,7 @@ def up(settings: Settings) -> int:
             f"[up]   Metrics:   {base}/metrics (server), {learner_metrics} (learner)\n"
             f"[up]   Adapters:  {settings.adapter_store_path}\n"
             f"[up]   Kafka:     {settings.kafka_bootstrap_servers}\n"
+            f"[up]   Engine:    {engine}\n"
             f"[up]   Canaries:  {canaries(env['THUMBTUNE_CANARY_SHARE'])}\n"
             f"[up] Ctrl-C stops everything.\n",
             flush=True,
@@ -87,7 +104,7 @@ def up(settings: Settings) -> int:
                 print(f"[up] {dead[0].name} exited with code {dead[0].returncode}; stopping", flush=True)
                 code = 1
                 break
-    except (ChildExited, TimeoutError) as exc:
+    except (ChildExited, TimeoutError, VLLMNotInstalled) as exc:
         print(f"[up] {exc}; stopping", flush=True)
         code = 1
     finally:

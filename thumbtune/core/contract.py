@@ -57,6 +57,18 @@ REWARD_MODEL_WEIGHTS = "reward_model.safetensors"
 """The reward model the learner had fitted when it wrote the version (its heads and feature scaling)."""
 
 
+Engine = Literal["embedded", "vllm"]
+"""What generated an answer (``FeedbackEvent.engine``).
+
+embedded  thumbtune's own engine: behaviour_logprobs are exactly the log-probs defined above.
+vllm      a vLLM server run with ``--logprobs-mode processed_logprobs``: log_softmax(z / T) after top-k/top-p,
+          from vLLM's forward pass. At top_p = 1 the same quantity as above, up to numerics
+          (docs/BENCHMARKS.md measures |log pi_vllm - log pi_learner|; truncated importance weights absorb
+          it); at top_p < 1 the log-prob of the truncated, renormalised distribution the token was drawn
+          from, which is >= the above (so pi_old / pi_b is smaller: those samples weigh a little less, never
+          more)."""
+
+
 class FeedbackKind(str, Enum):
     thumb = "thumb"
     rating = "rating"
@@ -115,7 +127,7 @@ def reward_for(kind: FeedbackKind, value: str | int, ranking_size: int | None = 
     return {"chosen": 1.0, "rejected": -1.0}[str(value)]
 
 
-OPTIONAL_FIELDS = ("ranking_id", "ranking_size", "user")
+OPTIONAL_FIELDS = ("ranking_id", "ranking_size", "user", "engine")
 """`FeedbackEvent` fields left out of the JSON when they are None (a ranking's fields on other kinds, the
 ``user`` of a request that sent none), so events without them stay as they were before these fields existed
 and learners that predate them still read thumbs, ratings and choices."""
@@ -172,6 +184,11 @@ class FeedbackEvent(BaseModel):
     )
     ranking_size: int | None = Field(
         default=None, ge=2, description="For ranking feedback: how many answers the ranking ordered (K)."
+    )
+    engine: Engine | None = Field(
+        default=None,
+        description="What generated the answer and measured its behaviour_logprobs (`Engine`); None in "
+        "events from before the field existed: the embedded engine.",
     )
 
     @model_validator(mode="after")

@@ -204,6 +204,40 @@ class Settings(BaseSettings):
     completion_ttl_s: int = Field(86_400, ge=1, description="How long an answer stays ratable.")
     completion_store_max: int = Field(100_000, ge=1, description="In-process store capacity (answers).")
 
+    # --- engine ---------------------------------------------------------------------------------------
+    engine: Literal["embedded", "vllm"] = Field(
+        "embedded",
+        description="What generates: 'embedded' (thumbtune's continuous batching over transformers) or "
+        "'vllm' (a vLLM OpenAI server; the checks still run on this server's own copy of the model).",
+    )
+    vllm_url: str | None = Field(
+        None,
+        description="The vLLM server to generate through (engine vllm); unset: `thumbtune up` starts one "
+        "from THUMBTUNE_VLLM_PYTHON on THUMBTUNE_VLLM_PORT.",
+    )
+    vllm_api_key: SecretStr | None = Field(None, description="Bearer token the vLLM server asks for, if any.")
+    vllm_python: str = Field(
+        ".venv-vllm/bin/python",
+        description="The Python that has vLLM installed (`make install-vllm`), for `thumbtune up` and "
+        "`thumbtune vllm`.",
+    )
+    vllm_port: int = Field(8100, description="Port of the vLLM server `thumbtune up` starts (127.0.0.1).")
+    vllm_args: str = Field(
+        "--enforce-eager",
+        description="More arguments for the vLLM server `thumbtune up` starts (default: no compilation, "
+        "minutes on a CPU; drop it on GPUs).",
+    )
+    vllm_max_loras: int = Field(
+        4, ge=1, description="Adapter versions one vLLM batch may mix (live, canary, and those finishing)."
+    )
+    vllm_proof_max_diff: float = Field(
+        0.01,
+        gt=0,
+        description="Largest difference between vLLM's and this server's log-probs of any token of the proof "
+        "answer (nats) with which a version counts as served by vLLM after a swap; above it the version is "
+        "refused ('proof'). float32 differs by ~1e-5; allow ~0.1 for bfloat16.",
+    )
+
     # --- limits --------------------------------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, description="Sequences decoded together.")
     max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
