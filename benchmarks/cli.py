@@ -21,11 +21,17 @@ def bench_serve(
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
     requests_per_client: int = typer.Option(4, help="Requests each client sends per level."),
     max_tokens: int = typer.Option(64, help="Tokens per answer."),
+    vllm: bool = typer.Option(
+        True,
+        "--vllm/--no-vllm",
+        help="Include vLLM directly and thumbtune in front of vLLM (when installed).",
+    ),
 ) -> None:
-    """thumbtune vs a naive one-at-a-time server vs the raw batched-decode ceiling, at 1/4/16 clients."""
+    """thumbtune vs a naive one-at-a-time server vs the raw batched-decode ceiling, at 1/4/16 clients; vLLM
+    directly vs thumbtune in front of it, and vLLM's log-probs against the learner's."""
     from benchmarks.serve import run  # lazy: start-up time (torch), for every `thumbtune` command
 
-    run(configure(), out=out, requests_per_client=requests_per_client, max_tokens=max_tokens)
+    run(configure(), out=out, requests_per_client=requests_per_client, max_tokens=max_tokens, with_vllm=vllm)
 
 
 @app.command("learn")

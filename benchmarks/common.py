@@ -64,17 +64,31 @@ class CpuNoise:
     """How many cores processes other than this one (its children, and ``pid``) kept busy since it was made:
     others' work on the machine is noise in a benchmark's figures."""
 
-    def __init__(self, pid: int | None = None) -> None:
-        self.pid = pid
+    def __init__(self, pid: int | list[int] | None = None) -> None:
+        self.pids = [] if pid is None else [pid] if isinstance(pid, int) else list(pid)
         self.t0, self.start = time.perf_counter(), self._ours_and_all()
 
     def _ours_and_all(self) -> tuple[float, float]:
-        server = cpu_seconds(self.pid) if self.pid else 0.0
-        return own_cpu_seconds(children=True) + server, cpu_seconds()
+        servers = sum(cpu_seconds(pid) for pid in self.pids)
+        return own_cpu_seconds(children=True) + servers, cpu_seconds()
 
     def cores(self) -> float:
         (ours0, all0), (ours1, all1) = self.start, self._ours_and_all()
         return max(0.0, (all1 - all0) - (ours1 - ours0)) / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, alive now (a server that forks workers, vLLM's engine core)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
 
 
 def proc_status(pid: int | str, key: str) -> int | None:

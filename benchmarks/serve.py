@@ -1,13 +1,18 @@
-"""`thumbtune bench serve`: thumbtune vs a naive server vs the raw batched-decode ceiling.
+"""`thumbtune bench serve`: thumbtune vs a naive server vs the raw batched-decode ceiling, and through vLLM.
 
 One run on the configured model (default: the embedded SmolLM2-135M-Instruct):
 1. ceiling: batched greedy decode with no server (benchmarks.naive, own process);
 2. thumbtune: the real server (`thumbtune serve`) in a subprocess at 1, 4 and 16 concurrent clients,
    then ~300 sequential ratings on /v1/feedback (Kafka points at a closed port: events are spooled);
-3. naive: a one-request-at-a-time HF ``generate`` server (bench_naive), same client load.
-Servers run one at a time. Requests are non-streaming greedy chat completions of prompts from one
-fixed list with a fixed max_tokens; tokens/s counts usage.completion_tokens (both servers get the
-same prompts and greedy decoding, so the same answers). Latency is per request, client side.
+3. naive: a one-request-at-a-time HF ``generate`` server (bench_naive), same client load;
+4. with vLLM installed (`make install-vllm`; --no-vllm skips it): vllm, the vLLM server `thumbtune vllm`
+   starts, asked directly; thumbtune+vllm, `thumbtune serve` with THUMBTUNE_ENGINE=vllm in front of that
+   same vLLM server (the loop's cost); then the log-prob mismatch of vLLM's answers against the learner's
+   forward pass (benchmarks/serve_vllm.py).
+Servers run one at a time (vLLM stays up under thumbtune+vllm, which generates through it). Requests are
+non-streaming greedy chat completions of prompts from one fixed list with a fixed max_tokens; tokens/s counts
+usage.completion_tokens (all servers get the same prompts and greedy decoding, so the same answers).
+Latency is per request, client side.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import CpuNoise, proc_status, worker_argv, worker_env
+from benchmarks.common import CpuNoise, proc_status, process_tree, worker_argv, worker_env
 from benchmarks.prompts import SERVE as PROMPTS
 from benchmarks.serve_report import LEVELS, NAIVE_LEVEL_BUDGET_S, console, report
+from benchmarks.serve_vllm import logprob_mismatch
 from thumbtune.cli.process import ChildProcess, free_port
+from thumbtune.cli.vllm import VLLMNotInstalled, vllm_command, vllm_python
+from thumbtune.core.base_model import resolve
 from thumbtune.core.settings import Settings
 
 FEEDBACK_RATINGS = 300
@@ -42,13 +50,32 @@ class ServerProcess(ChildProcess):
     """A server on 127.0.0.1:port, its output in ``log_dir``: started, awaited on /readyz, stopped with
     SIGINT (uvicorn's graceful shutdown)."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        ready_path: str = "/readyz",
+        model: str = "thumbtune",
+        behind: ServerProcess | None = None,
+    ) -> None:
         super().__init__(name, argv, env=env, log=log_dir / f"{name}.log")
         self.url = f"http://127.0.0.1:{port}"
+        self.ready_path, self.model = ready_path, model
+        self.behind = behind
+        """The server this one generates through (thumbtune+vllm: vLLM), counted as part of it."""
+
+    def pids(self) -> list[int]:
+        """Its processes (and those of the server behind it): their CPU is the contender's, not noise."""
+        mine = process_tree(self.pid) if self.pid else []
+        return mine + (self.behind.pids() if self.behind is not None else [])
 
     def wait_ready(self) -> float:
         t0 = time.perf_counter()
-        self.wait_http(self.url + "/readyz", READY_TIMEOUT_S)
+        self.wait_http(self.url + self.ready_path, READY_TIMEOUT_S)
         return time.perf_counter() - t0
 
     def stop(self, grace: float = 20.0, first: int = signal.SIGINT) -> int | None:
@@ -80,9 +107,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def chat_body(prompt_index: int, max_tokens: int) -> dict:
+def chat_body(prompt_index: int, max_tokens: int, model: str = "thumbtune") -> dict:
     message = {"role": "user", "content": PROMPTS[prompt_index % len(PROMPTS)]}
-    return {"model": "thumbtune", "messages": [message], "max_tokens": max_tokens, "temperature": 0}
+    return {"model": model, "messages": [message], "max_tokens": max_tokens, "temperature": 0}
 
 
 async def run_level(
@@ -103,7 +130,8 @@ async def run_level(
             index = (c * per_client + j) % len(PROMPTS)
             sent = time.perf_counter()
             try:
-                r = await http.post(server.url + "/v1/chat/completions", json=chat_body(index, max_tokens))
+                body = chat_body(index, max_tokens, server.model)
+                r = await http.post(server.url + "/v1/chat/completions", json=body)
                 r.raise_for_status()
             except httpx.HTTPError as exc:
                 errors += 1
@@ -118,7 +146,7 @@ async def run_level(
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=900, limits=limits) as http:
-        t0, noise = time.perf_counter(), CpuNoise(server.pid)
+        t0, noise = time.perf_counter(), CpuNoise(server.pids())
         await asyncio.gather(*(client(http, c) for c in range(clients)))
         wall = time.perf_counter() - t0
     return LevelResult(
@@ -197,7 +225,15 @@ def measure_ceiling(settings: Settings, max_tokens: int) -> dict:
     raise RuntimeError(f"ceiling run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def bench_server(server: ServerProcess, requests_per_client: int, max_tokens: int, *, naive: bool) -> dict:
+def bench_server(
+    server: ServerProcess,
+    requests_per_client: int,
+    max_tokens: int,
+    *,
+    naive: bool,
+    feedback: bool = True,
+    stop: bool = True,
+) -> dict:
     console.print(f"[bold]{server.name}[/]: starting ({' '.join(server.argv[1:])}) ...")
     server.start()
     ready_s = server.wait_ready()
@@ -219,25 +255,59 @@ def bench_server(server: ServerProcess, requests_per_client: int, max_tokens: in
             f"p99 {res.p99_ms:.0f} ms (other processes: {res.other_cores:.2f} cores)"
         )
         levels.append(res)
-    feedback = None
-    if not naive:
+    ratings = None
+    if feedback:
         ids = [rid for lv in levels for rid in lv.response_ids]
-        feedback = asyncio.run(feedback_bench(server.url, ids, FEEDBACK_RATINGS))
+        ratings = asyncio.run(feedback_bench(server.url, ids, FEEDBACK_RATINGS))
         console.print(
-            f"  feedback: {feedback['ratings']} ratings, p50 {feedback['p50_ms']:.2f} ms, "
-            f"p99 {feedback['p99_ms']:.2f} ms, statuses {feedback['statuses']}"
+            f"  feedback: {ratings['ratings']} ratings, p50 {ratings['p50_ms']:.2f} ms, "
+            f"p99 {ratings['p99_ms']:.2f} ms, statuses {ratings['statuses']}"
         )
-    hwm = proc_status(server.pid, "VmHWM") or 0  # the kernel's peak RSS of the server process
-    server.stop()
-    return {"ready_s": ready_s, "levels": levels, "rss_peak_bytes": hwm, "feedback": feedback}
+    # the kernel's peak RSS of each of its processes (vLLM: the API server and its engine core)
+    hwm = sum(proc_status(pid, "VmHWM") or 0 for pid in process_tree(server.pid))
+    if stop:
+        server.stop()
+    return {"ready_s": ready_s, "levels": levels, "rss_peak_bytes": hwm, "feedback": ratings}
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def bench_vllm(
+    settings: Settings, env: dict[str, str], tmp: Path, servers: list[ServerProcess], **level
+) -> dict:
+    """vllm directly, then thumbtune+vllm in front of it, then the log-prob mismatch; {"skipped": why}
+    when vLLM is not installed."""
+    try:
+        python = vllm_python(settings)
+    except VLLMNotInstalled as exc:
+        console.print(f"[bold red]!!! vLLM contenders SKIPPED: {exc}[/]")
+        return {"skipped": str(exc)}
+    settings = settings.model_copy(update={"vllm_port": free_port()})
+    argv, vllm_env = vllm_command(settings, python)
+    model = resolve(settings).model_id
+    servers.append(
+        ServerProcess("vllm", argv, settings.vllm_port, vllm_env, tmp, ready_path="/health", model=model)
+    )
+    vllm = servers[-1]
+    direct = bench_server(vllm, naive=False, feedback=False, stop=False, **level)
+    port = free_port()
+    env = dict(env, THUMBTUNE_PORT=str(port), THUMBTUNE_ENGINE="vllm", THUMBTUNE_VLLM_URL=vllm.url)
+    servers.append(ServerProcess("thumbtune+vllm", THUMBTUNE_SERVE, port, env, tmp, behind=vllm))
+    front = bench_server(servers[-1], naive=False, feedback=False, **level)
+    console.print("[bold]log-prob mismatch[/]: vLLM's samples scored by the learner's forward pass ...")
+    mismatch = logprob_mismatch(settings, vllm.url, model, level["max_tokens"])
+    vllm.stop()
+    return {"vllm": direct, "thumbtune+vllm": front, "mismatch": mismatch}
+
+
 def run(
-    settings: Settings, out: Path | None = None, requests_per_client: int = 4, max_tokens: int = 64
+    settings: Settings,
+    out: Path | None = None,
+    requests_per_client: int = 4,
+    max_tokens: int = 64,
+    with_vllm: bool = True,
 ) -> dict:
     started = time.perf_counter()
     previous = None
@@ -279,8 +349,21 @@ def run(
                 requests_per_client,
                 max_tokens,
                 naive=True,
+                feedback=False,
             )
-            result = report(ceiling, tt, naive, max_tokens, time.perf_counter() - started)
+            vllm = (
+                bench_vllm(
+                    settings,
+                    env,
+                    Path(tmp),
+                    servers,
+                    requests_per_client=requests_per_client,
+                    max_tokens=max_tokens,
+                )
+                if with_vllm
+                else {"skipped": "--no-vllm"}
+            )
+            result = report(ceiling, tt, naive, vllm, max_tokens, time.perf_counter() - started)
         finally:
             for server in servers:  # before the temp dir (logs, spool) goes; a stopped one is a no-op
                 server.stop()

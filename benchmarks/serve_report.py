@@ -12,12 +12,19 @@ LEVELS = (1, 4, 16)
 """Concurrent clients of each level."""
 NAIVE_LEVEL_BUDGET_S = 90.0
 """A naive level sends fewer requests past this (same work per request)."""
-TARGETS = {"vs_naive_16": 3.0, "vs_ceiling_16": 0.70, "rss_gib": 1.5, "feedback_p99_ms": 5.0}
+TARGETS = {
+    "vs_naive_1": 1.0,
+    "vs_naive_16": 3.0,
+    "vs_ceiling_16": 0.70,
+    "rss_gib": 1.5,
+    "feedback_p99_ms": 5.0,
+    "front_vs_vllm_16": 0.90,
+}
 
 console = Console()
 
 
-def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float) -> dict:
+def report(ceiling: dict, tt: dict, naive: dict, vllm: dict, max_tokens: int, elapsed: float) -> dict:
     table = Table(title=f"thumbtune bench serve: greedy chat completions, max_tokens={max_tokens}")
     for col in (
         "server",
@@ -32,7 +39,10 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
         "other CPU",
     ):
         table.add_column(col, justify="left" if col == "server" else "right")
-    for name, res in (("thumbtune", tt), ("naive", naive)):
+    servers = [("thumbtune", tt), ("naive", naive)]
+    if "skipped" not in vllm:
+        servers += [("vllm", vllm["vllm"]), ("thumbtune+vllm", vllm["thumbtune+vllm"])]
+    for name, res in servers:
         for lv in res["levels"]:
             table.add_row(
                 name,
@@ -62,7 +72,7 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
         )
     console.print(table)
     warn_if_noisy(
-        console, max([ceiling["other_cores"]] + [lv.other_cores for r in (tt, naive) for lv in r["levels"]])
+        console, max([ceiling["other_cores"]] + [lv.other_cores for _, r in servers for lv in r["levels"]])
     )
 
     tt16 = {lv.clients: lv for lv in tt["levels"]}
@@ -103,6 +113,12 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
 
     checks = [
         (
+            "thumbtune / naive, 1 client",
+            f"{vs_naive[1]:.2f}x",
+            f">= {TARGETS['vs_naive_1']:.1f}x",
+            vs_naive[1] >= TARGETS["vs_naive_1"],
+        ),
+        (
             "thumbtune / naive, 16 clients",
             f"{vs_naive[16]:.2f}x",
             f">= {TARGETS['vs_naive_16']:.0f}x",
@@ -127,6 +143,16 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
             fb["p99_ms"] <= TARGETS["feedback_p99_ms"] and set(fb["statuses"]) == {202},
         ),
     ]
+    front = vllm_ratios(vllm)
+    if front is not None:
+        checks.append(
+            (
+                "thumbtune+vllm / vllm, 16 clients",
+                f"{front[16]:.2f}x",
+                f">= {TARGETS['front_vs_vllm_16']:.2f}x",
+                front[16] >= TARGETS["front_vs_vllm_16"],
+            )
+        )
     targets = print_targets(console, checks)
     console.print(
         f"naive server peak RSS {naive['rss_peak_bytes'] / 2**30:.2f} GiB; whole bench {elapsed:.0f} s"
@@ -149,7 +175,9 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
             "rss_peak_bytes": naive["rss_peak_bytes"],
         },
         "ceiling": ceiling,
+        "vllm": vllm_json(vllm),
         "ratios": {
+            "front_vs_vllm": {str(c): v for c, v in front.items()} if front is not None else None,
             "vs_naive": {str(c): v for c, v in vs_naive.items()},
             "vs_ceiling_16": vs_ceiling,
             "vs_ceiling_decode_only_16": vs_decode_only,
@@ -157,3 +185,55 @@ def report(ceiling: dict, tt: dict, naive: dict, max_tokens: int, elapsed: float
         },
         "targets": targets,
     }
+
+
+def vllm_ratios(vllm: dict) -> dict[int, float] | None:
+    """thumbtune+vllm / vllm tok/s per level, printed with the mismatch; None when vLLM did not run."""
+    if "skipped" in vllm:
+        console.print(f"[bold red]vLLM contenders skipped: {vllm['skipped']}[/]")
+        return None
+    direct = {lv.clients: lv for lv in vllm["vllm"]["levels"]}
+    front = {lv.clients: lv for lv in vllm["thumbtune+vllm"]["levels"]}
+    ratios = {c: front[c].tok_s / direct[c].tok_s if direct[c].tok_s else float("nan") for c in LEVELS}
+    console.print(
+        "thumbtune+vllm / vllm tok/s: " + ", ".join(f"{c} clients {ratios[c]:.2f}x" for c in LEVELS)
+    )
+    same = [
+        front[c].answers[i] == direct[c].answers[i]
+        for c in LEVELS
+        for i in direct[c].answers
+        if i in front[c].answers
+    ]
+    console.print(f"identical greedy answers, thumbtune+vllm vs vllm: {sum(same)}/{len(same)}")
+    table = Table(title="|log pi_vllm - log pi_learner| on vLLM's own samples (top_p = 1)")
+    for col in ("temperature", "learner precision", "tokens", "mean", "p99", "max"):
+        table.add_column(col, justify="right")
+    for row in vllm["mismatch"].values():
+        table.add_row(
+            f"{row['temperature']}",
+            row["learner_precision"],
+            str(row["tokens"]),
+            f"{row['mean']:.2e}",
+            f"{row['p99']:.2e}",
+            f"{row['max']:.2e}",
+        )
+    console.print(table)
+    console.print(
+        f"peak RSS: vllm {vllm['vllm']['rss_peak_bytes'] / 2**30:.2f} GiB (API server + engine core), "
+        f"thumbtune in front of it {vllm['thumbtune+vllm']['rss_peak_bytes'] / 2**30:.2f} GiB (its own copy "
+        "of the model, for the checks)"
+    )
+    return ratios
+
+
+def vllm_json(vllm: dict) -> dict:
+    if "skipped" in vllm:
+        return vllm
+    return {
+        name: {
+            "ready_s": vllm[name]["ready_s"],
+            "levels": [lv.row() for lv in vllm[name]["levels"]],
+            "rss_peak_bytes": vllm[name]["rss_peak_bytes"],
+        }
+        for name in ("vllm", "thumbtune+vllm")
+    } | {"mismatch": vllm["mismatch"]}
