@@ -70,6 +70,7 @@ OWNED = {  # set by the chart from other values (or kept in the Secret): refused
         "THUMBTUNE_REDIS_URL",
         "THUMBTUNE_KAFKA_SASL_PASSWORD",
         "THUMBTUNE_KAFKA_SSL_PASSWORD",
+        "THUMBTUNE_VLLM_API_KEY",
         "THUMBTUNE_KAFKA_SSL_CAFILE",
         "THUMBTUNE_KAFKA_SSL_CERTFILE",
         "THUMBTUNE_KAFKA_SSL_KEYFILE",
@@ -233,6 +234,7 @@ def test_every_setting_can_be_set_through_values() -> None:
         "THUMBTUNE_API_KEYS",
         "THUMBTUNE_ADMIN_TOKEN",
         "THUMBTUNE_REDIS_URL",
+        "THUMBTUNE_VLLM_API_KEY",
     }
     assert set(learner_env) == setting_names() - server_only  # ...and every other one the learner
 

@@ -70,6 +70,7 @@ learnerSettings, so that one value cannot say two things.
   "THUMBTUNE_REDIS_URL" "set secrets.THUMBTUNE_REDIS_URL or secrets.existingSecret"
   "THUMBTUNE_KAFKA_SASL_PASSWORD" "set secrets.THUMBTUNE_KAFKA_SASL_PASSWORD or secrets.existingSecret"
   "THUMBTUNE_KAFKA_SSL_PASSWORD" "set secrets.THUMBTUNE_KAFKA_SSL_PASSWORD or secrets.existingSecret"
+  "THUMBTUNE_VLLM_API_KEY" "set secrets.THUMBTUNE_VLLM_API_KEY or secrets.existingSecret"
   "THUMBTUNE_KAFKA_SSL_CAFILE" "set kafkaTLS.secret (its ca.crt is mounted and used)"
   "THUMBTUNE_KAFKA_SSL_CERTFILE" "set kafkaTLS.secret and kafkaTLS.clientCertificate"
   "THUMBTUNE_KAFKA_SSL_KEYFILE" "set kafkaTLS.secret and kafkaTLS.clientCertificate"
