@@ -23,7 +23,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer
 
 from service.adapters.manager import AdapterManager
 from service.protocol_admin import FollowerView
-from thumbtune.core.contract import ADAPTERS_TOPIC, AdapterAnnouncement
+from thumbtune.core.contract import ADAPTERS_TOPIC, AdapterAnnouncement, version_number
 from thumbtune.core.kafka import TopicFollower, make_consumer
 from thumbtune.core.settings import Settings
 
@@ -83,20 +83,35 @@ class AdapterFollower(TopicFollower):
             self.catch_up_due = False
             self.manager.catch_up()
             self.assigned.set()
-        for records in polled.values():
-            for record in records:
-                self._handle(record.value, f"{record.partition}:{record.offset}")
+        received = time.monotonic()
+        announcements = [
+            parsed
+            for records in polled.values()
+            for record in records
+            if (parsed := self._parse(record.value, f"{record.partition}:{record.offset}")) is not None
+        ]
+        # Newest first: once one goes live every older one is a no-op, so a backlog (the announcements of a
+        # broker outage, delivered in one poll) costs one check and load, not one per version; an older one
+        # is tried only if every newer one was refused (as if they had come one at a time).
+        for announcement in sorted(announcements, key=_newest_first):
+            self.manager.on_announcement(announcement, received)
 
     def on_failure(self, exc: Exception) -> None:
         self.assigned.clear()
 
-    def _handle(self, value: bytes, where: str) -> None:
-        received = time.monotonic()
+    def _parse(self, value: bytes, where: str) -> AdapterAnnouncement | None:
         try:
             announcement = AdapterAnnouncement.from_bytes(value)
         except ValueError:
             log.warning("ignoring a malformed record on %s at %s", ADAPTERS_TOPIC, where)
-            return
+            return None
         self.announcements += 1
         log.info("announcement of %s received (%s)", announcement.version, where)
-        self.manager.on_announcement(announcement, received)
+        return announcement
+
+
+def _newest_first(announcement: AdapterAnnouncement) -> int:
+    try:
+        return -version_number(announcement.version)
+    except ValueError:
+        return 0  # not a version name: the manager logs and ignores it

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from prometheus_client import REGISTRY
 
 from learner.announce import announcement_for
+from service.adapters.follower import AdapterFollower
 from service.engine import registry as adapters_module
 from tests.support import wait_for
 from tests.support.adapters import VersionWriter, corrupt
@@ -175,3 +177,33 @@ def test_pin_unpin_and_rollback_through_the_admin_api(
     row = v4_row()
     assert (row["ratings"] - ratings, row["approvals"] - approvals) == (3, 2)
     assert row["approval_rate"] == row["approvals"] / row["ratings"]
+
+
+def test_a_backlog_of_announcements_loads_the_newest_good_version_only(
+    client_factory, writer: VersionWriter, store: LocalAdapterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a broker outage one poll delivers several announcements: the newest that passes goes live with
+    one load, older ones are skipped; a refused newest falls back to the next older (as one at a time)."""
+    client = client_factory(adapter_store=str(store.root), admin_token=TOKEN, adapter_follow=False)
+    rt = client.app.state.runtime
+    follower = AdapterFollower(rt.settings, rt.adapter_manager)
+    loaded: list[str] = []
+    load = rt.adapters.load
+    monkeypatch.setattr(rt.adapters, "load", lambda v, *a: (loaded.append(v), load(v, *a))[1])
+
+    def poll(*versions: str) -> dict:
+        records = [
+            SimpleNamespace(value=announcement_for(store, v).to_bytes(), partition=0, offset=i)
+            for i, v in enumerate(versions)
+        ]
+        return {"thumbtune.adapters": records}
+
+    for seed in (1, 2, 3):
+        writer.write(store, 0.05, seed=seed)
+    follower.on_records(poll("v1", "v2", "v3"))
+    assert (rt.adapters.live, loaded) == ("v3", ["v3"])
+    writer.write(store, 0.05, seed=4)
+    writer.write(store, 0.05, seed=5, edit=lambda t: t[min(t)].fill_(float("nan")))  # refused
+    follower.on_records(poll("v4", "v5"))
+    assert (rt.adapters.live, loaded) == ("v4", ["v3", "v4"])
+    assert admin(client)["refused"]["v5"]["reason"] == "nonfinite"
