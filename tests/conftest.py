@@ -153,8 +153,17 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings_factory(tmp_path: Path, tiny_model_dir: Path, kafka_bootstrap: str):  # noqa: ANN201
-    """Settings for a test server on the tiny model; keyword overrides win."""
+def settings_factory(
+    tmp_path: Path, tiny_model_dir: Path, kafka_bootstrap: str, request: pytest.FixtureRequest
+):  # noqa: ANN201
+    """Settings for a test server on the tiny model; keyword overrides win.
+
+    A test that takes its own `kafka` broker gets it started here, before any server or client, whatever
+    the order of its arguments: fixtures stop in reverse, so its servers stop while their broker still
+    answers. (A test that named `kafka` after `live_server_factory` had its broker stopped first: the
+    servers' clients then retried a refused broker on the way out, ~4 s of teardown per test.)"""
+    if "kafka" in request.fixturenames:
+        request.getfixturevalue("kafka")
 
     def make(**overrides: object) -> Settings:
         values: dict = dict(
