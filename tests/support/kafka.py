@@ -73,9 +73,19 @@ def own_broker(log_dir: Path, feedback_partitions: int = 1) -> Iterator[Embedded
     """A fresh broker of a test's own: empty thumbtune topics, no committed group offsets. For tests whose
     consumer groups read a topic from the start (the session `broker` holds other tests' events). Tests
     take it as the `kafka` fixture (tests/conftest.py)."""
-    with EmbeddedBroker(port=free_port(), log_file=log_dir / "tansu.log") as b:
+    b = EmbeddedBroker(port=free_port(), log_file=log_dir / "tansu.log").start()
+    try:
         ensure_topics(b.bootstrap, {FEEDBACK_TOPIC: feedback_partitions, ADAPTERS_TOPIC: 1, CONTROL_TOPIC: 1})
         yield b
+    finally:
+        b.stop(grace=OWN_BROKER_STOP_GRACE_S)
+
+
+OWN_BROKER_STOP_GRACE_S = 0.5
+"""How long a test's own broker gets to exit on SIGTERM before SIGKILL (EmbeddedBroker's default: 2 s). Idle,
+Tansu exits at once; but it waits ~5 s on a connection its client has already closed (seen at the end of
+the control-plane and canary tests: one socket in CLOSE-WAIT), so those tests waited out the full 2 s. Its
+storage is in memory and the test is over: nothing is lost by killing it sooner."""
 
 
 def produce(bootstrap: str, records: list[tuple[bytes, bytes]], topic: str = FEEDBACK_TOPIC) -> None:
