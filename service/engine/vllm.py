@@ -211,7 +211,11 @@ class VLLMEngine:
             seq._detok = Detokenizer(self.tokenizer, seq.params.stop)
             future = asyncio.run_coroutine_threadsafe(self._generate(seq), self._loop)
             self._running[id(seq)] = (seq, future)
-        future.add_done_callback(lambda _: self._running.pop(id(seq), None))
+        future.add_done_callback(lambda _: self._finished(seq))
+
+    def _finished(self, seq: Sequence) -> None:
+        with self._lock:
+            self._running.pop(id(seq), None)
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
