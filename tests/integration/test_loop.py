@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,9 @@ from thumbtune.cli.simulate import Report, SimulationError, Simulator, load_prom
 from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent
 from thumbtune.core.store import LocalAdapterStore
 
-pytestmark = pytest.mark.broker
+# One torch thread: the server's engine and the learner share this process, and with torch's default of one
+# intra-op thread per core each they oversubscribe 2 cores (the tests' machine) and spin-wait for each other
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("single_thread")]
 BATCH = 32
 PHASES = (3, 3, 2)  # batches of ratings sent per phase of simulated users
 RATINGS = sum(PHASES) * BATCH
@@ -45,41 +48,41 @@ def sharp_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return out / "model"
 
 
+CONCURRENT = 8
+"""Requests in flight at once when measuring: the engine decodes them together (8 x n=2 = its batch of 16),
+so the same requests, sampled alike, take ~2/3 of the time they take one by one (192 in ~7 s, not ~10 s)."""
+
+
+def answers(url: str, model: str, prompts: list[str]) -> list[tuple[str, str]]:
+    """(prompt, answer) for 2 fresh answers to each of ``prompts`` from ``model`` (temperature 1,
+    `MAX_TOKENS`), `CONCURRENT` requests at a time: each answer is sampled on its own, as one by one."""
+
+    def ask(client: httpx.Client, prompt: str) -> list[tuple[str, str]]:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "n": 2,
+            "temperature": 1.0,
+            "max_tokens": MAX_TOKENS,
+        }
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return [(prompt, c["message"]["content"]) for c in response.json()["choices"]]
+
+    with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(CONCURRENT) as pool:
+        return [pair for pairs in pool.map(lambda p: ask(client, p), prompts) for pair in pairs]
+
+
 def base_rate(url: str, prompts: list[str], target: str) -> float:
     """How often the base model's answers (adapter off) contain `target`: the reward before learning."""
-    answers = []
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for prompt in prompts * 3:
-            body = {
-                "model": "base",
-                "messages": [{"role": "user", "content": prompt}],
-                "n": 2,
-                "temperature": 1.0,
-                "max_tokens": MAX_TOKENS,
-            }
-            answers += [
-                c["message"]["content"]
-                for c in client.post("/v1/chat/completions", json=body).json()["choices"]
-            ]
-    return sum(target in a for a in answers) / len(answers)
+    pairs = answers(url, "base", prompts * 3)
+    return sum(target in a for _, a in pairs) / len(pairs)
 
 
 def approval(url: str, model: str, prompts: list[str], n: int) -> float:
     """The rule's approval of `n` fresh answers from `model` (2 per prompt), apart from the rated traffic."""
-    hits = total = 0
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for prompt in (prompts * n)[: n // 2]:
-            body = {
-                "model": model,
-                "messages": [{"role": "user", "content": prompt}],
-                "n": 2,
-                "temperature": 1.0,
-                "max_tokens": MAX_TOKENS,
-            }
-            for choice in client.post("/v1/chat/completions", json=body).json()["choices"]:
-                hits += loop_rules.contains_target(prompt, choice["message"]["content"])
-                total += 1
-    return hits / total
+    pairs = answers(url, model, (prompts * n)[: n // 2])
+    return sum(loop_rules.contains_target(p, a) for p, a in pairs) / len(pairs)
 
 
 SIGNALS = {
