@@ -56,5 +56,10 @@ def test_full_spool_answers_503_with_retry_after_and_loses_nothing(client_factor
     assert full.status_code == 503 and full.headers["retry-after"]
     assert full.json()["error"]["code"] == "feedback_backlog"
     # The refused rating was not claimed: the user can retry it once there is room.
-    assert client.app.state.runtime.publisher.depth() == 2
+    publisher = client.app.state.runtime.publisher
+    assert publisher.depth() == 2
     assert client.get("/readyz").status_code == 503
+    # No broker comes back: stop the publisher here, as test_publisher does, rather than in the app's
+    # shutdown, which gives it 10 s to send them. The two accepted ratings stay spooled for the next start.
+    publisher.close(timeout=0.2)
+    assert publisher.depth() == 2
