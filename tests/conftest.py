@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 from service.app import create_app
 from tests.support import USER_CACHE
-from tests.support.kafka import ConsumeAll, own_broker, read_topic
+from tests.support.kafka import TEST_BROKER_STOP_GRACE_S, ConsumeAll, own_broker, read_topic
 from thumbtune.cli.broker import EmbeddedBroker
 from thumbtune.cli.process import free_port
 from thumbtune.core.base_model import embedded_tokenizer_dir
@@ -92,9 +92,12 @@ def own_rng() -> Iterator[None]:
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     """An embedded broker on a free port with thumbtune's topics, shared by the whole session."""
     log_file = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with EmbeddedBroker(port=free_port(), log_file=log_file) as b:
+    b = EmbeddedBroker(port=free_port(), log_file=log_file).start()
+    try:
         ensure_topics(b.bootstrap, topic_partitions(Settings()))
         yield b
+    finally:
+        b.stop(grace=TEST_BROKER_STOP_GRACE_S)
 
 
 @pytest.fixture

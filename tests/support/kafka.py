@@ -78,14 +78,15 @@ def own_broker(log_dir: Path, feedback_partitions: int = 1) -> Iterator[Embedded
         ensure_topics(b.bootstrap, {FEEDBACK_TOPIC: feedback_partitions, ADAPTERS_TOPIC: 1, CONTROL_TOPIC: 1})
         yield b
     finally:
-        b.stop(grace=OWN_BROKER_STOP_GRACE_S)
+        b.stop(grace=TEST_BROKER_STOP_GRACE_S)
 
 
-OWN_BROKER_STOP_GRACE_S = 0.5
-"""How long a test's own broker gets to exit on SIGTERM before SIGKILL (EmbeddedBroker's default: 2 s). Idle,
-Tansu exits at once; but it waits ~5 s on a connection its client has already closed (seen at the end of
-the control-plane and canary tests: one socket in CLOSE-WAIT), so those tests waited out the full 2 s. Its
-storage is in memory and the test is over: nothing is lost by killing it sooner."""
+TEST_BROKER_STOP_GRACE_S = 0.5
+"""How long a test broker (a test's own, the session's) gets to exit on SIGTERM before SIGKILL
+(EmbeddedBroker's default: 2 s). Idle, Tansu exits at once; but it waits ~5 s on a connection its client
+has already closed (seen at the end of the control-plane and canary tests: one socket in CLOSE-WAIT), so
+those tests waited out the full 2 s. Its storage is in memory and the test is over: nothing is lost by
+killing it sooner."""
 
 
 def produce(bootstrap: str, records: list[tuple[bytes, bytes]], topic: str = FEEDBACK_TOPIC) -> None:
