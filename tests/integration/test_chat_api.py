@@ -11,6 +11,12 @@ from tests.support.api import USER, assert_openai_error, chat
 pytestmark = pytest.mark.broker
 
 
+@pytest.fixture
+def client(shared_client):  # noqa: ANN001, ANN201
+    """The tests here only ask, and read their own answers: one server for the module (`shared_client`)."""
+    return shared_client
+
+
 def test_chat_completion_has_ratable_id_usage_and_adapter_header(client) -> None:  # noqa: ANN001
     resp = chat(client, max_tokens=8, temperature=0)
     assert resp.status_code == 200, resp.text

@@ -72,7 +72,8 @@ def test_choice_between_two_answers_gives_plus_and_minus_one(client, broker) -> 
     assert events[a].reward == -1.0 and events[a].value == "rejected" and events[a].paired_response_id == b
 
 
-def test_choice_needs_two_answers_to_the_same_prompt(client) -> None:  # noqa: ANN001
+def test_choice_needs_two_answers_to_the_same_prompt(shared_client) -> None:  # noqa: ANN001
+    client = shared_client  # refused ratings claim nothing: the module's server will do
     a = answer(client)["id"]
     b = answer(client, messages=[{"role": "user", "content": "Something else."}])["id"]
     assert_openai_error(client.post("/v1/feedback", json={"chosen": a, "rejected": b}), 400)
@@ -90,9 +91,9 @@ def test_repeat_rating_is_idempotent_and_published_once(client, broker) -> None:
     events_of(client, broker, {rid}, 1)
 
 
-def test_unknown_response_is_404(client) -> None:  # noqa: ANN001
+def test_unknown_response_is_404(shared_client) -> None:  # noqa: ANN001
     err = assert_openai_error(
-        client.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "thumb": "up"}), 404
+        shared_client.post("/v1/feedback", json={"response_id": "chatcmpl-nope", "thumb": "up"}), 404
     )
     assert "chatcmpl-nope" in err["message"]
 
@@ -109,8 +110,8 @@ def test_unknown_response_is_404(client) -> None:  # noqa: ANN001
         {"response_id": "x", "thumb": "up", "extra": 1},
     ],
 )
-def test_malformed_feedback_is_400(client, body: dict) -> None:  # noqa: ANN001
-    assert_openai_error(client.post("/v1/feedback", json=body), 400)
+def test_malformed_feedback_is_400(shared_client, body: dict) -> None:  # noqa: ANN001
+    assert_openai_error(shared_client.post("/v1/feedback", json=body), 400)
 
 
 def test_api_keys_guard_chat_and_feedback_and_keys_rate_only_their_answers(client_factory) -> None:  # noqa: ANN001
