@@ -23,6 +23,7 @@ def test_an_attacked_arm_caps_the_attackers_share_in_every_update(
         "THUMBTUNE_MAX_CONTEXT": "512",
         "THUMBTUNE_LEARNER_BATCH_SIZE": "8",
         "THUMBTUNE_LEARNER_MIN_BATCH": "4",
+        "THUMBTUNE_NUM_THREADS": "1",  # server and learner run at once: one torch thread each on 2 cores
     }.items():
         monkeypatch.setenv(name, value)  # the embedded system's children read them
     settings = Settings(model=str(tiny_model_dir), cache_dir=tmp_path / "cache", max_context=512)
