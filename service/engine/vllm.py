@@ -192,8 +192,9 @@ class VLLMEngine:
                 asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+        self.checker.stop(timeout)  # its last collect may still unload versions from vLLM: before the close
+        self.adapters.on_unload = None
         self._http.close()
-        self.checker.stop(timeout)
 
     @property
     def alive(self) -> bool:
@@ -384,5 +385,5 @@ class VLLMEngine:
         name = served_name(version, self.base_name)
         try:
             self._http.post("/v1/unload_lora_adapter", json={"lora_name": name})
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: the client is closed (shutting down)
             log.warning("could not unload %s from vLLM: %s", name, exc)
