@@ -1,16 +1,19 @@
 """A real Prometheus scrapes a real server and a real learner, and finds every metric that the alert rules and
 the Grafana dashboard name; every dashboard query runs.
 
-The loop runs once end to end first, so that labelled series exist: chat answers, a thumb up and a thumb
-down, the learner (a `thumbtune learn` process on the tiny model, batches of 2) trains v1 from them and
-announces it, the server checks it and swaps to it. Prometheus (Debian's, on a free 127.0.0.1 port, a
-temporary config and storage) scrapes both every second and loads deploy/prometheus/alerts.yml.
+The loop runs once end to end, so that labelled series exist: chat answers, a thumb up and a thumb down, the
+learner (a `thumbtune learn` process on the tiny model, batches of 2) trains v1 from them and announces it,
+the server checks it and swaps to it. Prometheus (Debian's, on a free 127.0.0.1 port, a temporary config and
+storage) scrapes both every second and loads deploy/prometheus/alerts.yml. It starts with the loop (its
+first scrape comes ~5 s after it starts: the discovery manager's update interval) and is asked only once
+its newest scrape of both processes is from after v1 went live.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -75,15 +78,6 @@ def test_prometheus_scrapes_every_metric_the_alerts_and_dashboard_use(
             assert resp.status_code == 200, resp.text
             return resp.json()
 
-        answers = [chat(), chat()]
-        unknown = client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
-        assert unknown.status_code in (400, 404)
-        for answer, thumb in zip(answers, ("up", "down"), strict=True):
-            rated = client.post("/v1/feedback", json={"response_id": answer["id"], "thumb": thumb})
-            assert rated.status_code == 202, rated.text
-        # the learner trains v1 from the two ratings, announces it, and the server makes it live
-        wait_for(lambda: chat()["adapter_version"] == "v1", 180, "the server to answer with v1", alive, 0.5)
-
         jobs = {"thumbtune-server": server.port, "thumbtune-learner": learner_port}
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -105,6 +99,16 @@ def test_prometheus_scrapes_every_metric_the_alerts_and_dashboard_use(
             cwd=ROOT,
             log=tmp_path / "prometheus.log",
         ).start()
+        answers = [chat(), chat()]
+        unknown = client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+        assert unknown.status_code in (400, 404)
+        for answer, thumb in zip(answers, ("up", "down"), strict=True):
+            rated = client.post("/v1/feedback", json={"response_id": answer["id"], "thumb": thumb})
+            assert rated.status_code == 202, rated.text
+        # the learner trains v1 from the two ratings, announces it, and the server makes it live
+        wait_for(lambda: chat()["adapter_version"] == "v1", 180, "the server to answer with v1", alive, 0.5)
+
+        live_at = time.time()
         api = httpx.Client(base_url=f"http://127.0.0.1:{prometheus_port}", timeout=10)
 
         alive_both = exited(learner, prometheus)
@@ -120,7 +124,13 @@ def test_prometheus_scrapes_every_metric_the_alerts_and_dashboard_use(
             targets = (get("/api/v1/targets") or {}).get("data", {}).get("activeTargets", [])
             return len(targets) == 2 and all(t["health"] == "up" for t in targets)
 
+        def scraped_since_v1_live() -> bool:  # the queries below then see the state after the swap
+            newest = get("/api/v1/query", query="min(timestamp(up == 1)) and count(up == 1) == 2")
+            result = (newest or {}).get("data", {}).get("result", [])
+            return bool(result) and float(result[0]["value"][1]) > live_at
+
         wait_for(scraped, 60, "both targets scraped", alive_both, 0.5)
+        wait_for(scraped_since_v1_live, 60, "both scraped since v1 went live", alive_both, 0.5)
         # each metric from the process that owns it: the names are asked for per job
         wanted = alert_and_dashboard_metrics()
         expected = {"thumbtune-learner": {n for n in wanted if n.startswith("thumbtune_learner_")}}
