@@ -10,6 +10,8 @@ pi_old / pi_b sees them) at the learner's precision here and at float32:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import numpy as np
 import torch
@@ -48,12 +50,17 @@ def logprob_mismatch(settings: Settings, url: str, model: str, max_tokens: int) 
     base = load(settings)
     stop = end_token_ids(base.model, base.tokenizer)
     samples: dict[float, list[Sample]] = {}
-    for temperature in MISMATCH_TEMPERATURES:
-        samples[temperature] = []
-        for i in range(MISMATCH_ANSWERS):
-            prompt = encode_chat(base.tokenizer, user_turn(PROMPTS[i % len(PROMPTS)]))
-            tokens, logprobs = sample(url, model, prompt, temperature, max_tokens, stop)
-            samples[temperature].append(Sample(f"{i}", prompt, tokens, logprobs, temperature, 0.0))
+    with ThreadPoolExecutor(16) as pool:  # 16 at a time: vLLM batches them
+        for temperature in MISMATCH_TEMPERATURES:
+            prompts = [
+                encode_chat(base.tokenizer, user_turn(PROMPTS[i % len(PROMPTS)]))
+                for i in range(MISMATCH_ANSWERS)
+            ]
+            answers = pool.map(lambda p, t=temperature: sample(url, model, p, t, max_tokens, stop), prompts)
+            samples[temperature] = [
+                Sample(f"{i}", prompt, tokens, logprobs, temperature, 0.0)
+                for i, (prompt, (tokens, logprobs)) in enumerate(zip(prompts, answers, strict=True))
+            ]
     learner_precision = resolve_precision(LearnerSettings().precision, torch.device("cpu"))
     policy = Policy.fresh(base.model, settings, torch.device("cpu"))
     pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else stop[0]

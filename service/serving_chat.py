@@ -132,8 +132,12 @@ class ChatService:
 
     # --- running ---------------------------------------------------------------------------------
 
-    def start(self, p: Prepared) -> Running:
-        """Submit the request's sequences; 503 when the engine refuses them (it is stopping)."""
+    def start(self, p: Prepared, stream: bool = True) -> Running:
+        """Submit the request's sequences; 503 when the engine refuses them (it is stopping).
+
+        ``stream=False``: only each sequence's last event reaches the queue (the answer is read off the
+        sequence), so the event loop is not woken, and the engine thread does not wait for the GIL, per token.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
         seqs = []
@@ -143,7 +147,8 @@ class ChatService:
                 params = params.model_copy(update={"seed": params.seed + i})
 
             def emit(event: TokenEvent, i: int = i) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                if stream or event.finish_reason is not None:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
             seqs.append(Sequence(prompt_ids=p.prompt_ids, params=params, emit=emit, adapter=p.adapters[i]))
         try:
@@ -194,7 +199,7 @@ class ChatService:
         )
 
     async def complete(self, req: ChatCompletionRequest, p: Prepared) -> ChatCompletion:
-        running = self.start(p)
+        running = self.start(p, stream=False)
         seqs, queue = running.seqs, running.queue
         try:
             pending = len(seqs)
