@@ -95,7 +95,7 @@ ADAPTER_REFUSED = Counter(
     "Adapter versions refused, by the check that failed (operator: refused through /admin/adapters/refuse).",
     ["reason"],
 )
-"""reason: sha256, fingerprint, shape, nonfinite, kl_live, kl_base, load_error, operator."""
+"""reason: one of service/adapters/checks.py's REASONS (the check that failed, operator or canary)."""
 CONTROL_DECISIONS = Counter(
     "thumbtune_control_decisions_total",
     "Decisions of thumbtune.control this replica applied, by action, who took them and the outcome.",
