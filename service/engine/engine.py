@@ -309,26 +309,31 @@ class Engine:
             self._running = [self._running[i] for i in keep]
 
     def _append(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
-        if seq.cancelled:
-            return
-        if not seq.tokens:
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
-        else:
-            metrics.INTER_TOKEN_LATENCY.observe(now - seq._last_token_at)
-        seq._last_token_at = now
-        seq.tokens.append(token)
-        seq.logprobs.append(logprob)
-        metrics.GENERATED_TOKENS.labels(seq.adapter).inc()
-        finish = None
-        if token in self.eos_ids:
-            finish = "stop"
-        elif (
-            len(seq.tokens) >= seq.params.max_tokens
-            or len(seq.prompt_ids) + len(seq.tokens) >= self.max_context
-        ):
-            finish = "length"
-        delta, hit_stop = seq._detok.add(token, final=finish is not None)
-        if hit_stop:
-            finish = "stop"
-        seq.finish_reason = finish
-        seq.emit(TokenEvent(token, logprob, delta, finish))
+        append_token(seq, token, logprob, now, self.eos_ids, self.max_context)
+
+
+def append_token(
+    seq: Sequence, token: int, logprob: float, now: float, eos_ids: set[int], max_context: int
+) -> None:
+    """Record a generated token on its sequence, decide whether it ends the answer (end-of-turn id,
+    max_tokens, the context window, a stop string) and emit its event: every engine adds tokens this way."""
+    if seq.cancelled:
+        return
+    if not seq.tokens:
+        metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
+    else:
+        metrics.INTER_TOKEN_LATENCY.observe(now - seq._last_token_at)
+    seq._last_token_at = now
+    seq.tokens.append(token)
+    seq.logprobs.append(logprob)
+    metrics.GENERATED_TOKENS.labels(seq.adapter).inc()
+    finish = None
+    if token in eos_ids:
+        finish = "stop"
+    elif len(seq.tokens) >= seq.params.max_tokens or len(seq.prompt_ids) + len(seq.tokens) >= max_context:
+        finish = "length"
+    delta, hit_stop = seq._detok.add(token, final=finish is not None)
+    if hit_stop:
+        finish = "stop"
+    seq.finish_reason = finish
+    seq.emit(TokenEvent(token, logprob, delta, finish))

@@ -49,7 +49,7 @@ import httpx
 import torch
 
 from service import metrics
-from service.engine.engine import Engine, ProofFailed, Sequence, TokenEvent
+from service.engine.engine import Engine, ProofFailed, Sequence, TokenEvent, append_token
 from service.engine.registry import BASE
 from service.engine.text import Detokenizer
 from thumbtune.core.chat import encode_chat, user_turn
@@ -281,7 +281,8 @@ class VLLMEngine:
             for token, logprob in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], strict=True):
                 if seq.cancelled:
                     return True
-                self._append(seq, int(token.removeprefix("token_id:")), float(logprob))
+                token_id, now = int(token.removeprefix("token_id:")), time.perf_counter()
+                append_token(seq, token_id, float(logprob), now, self.eos_ids, self.max_context)
                 if seq.finish_reason is not None:
                     return True
             if choice.get("finish_reason") is not None and seq.finish_reason is None:
@@ -289,27 +290,6 @@ class VLLMEngine:
                 self._finish(seq, "length" if choice["finish_reason"] == "length" else "stop")
                 return True
         return False
-
-    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
-        now = time.perf_counter()
-        if not seq.tokens:
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
-        else:
-            metrics.INTER_TOKEN_LATENCY.observe(now - seq._last_token_at)
-        seq._last_token_at = now
-        seq.tokens.append(token)
-        seq.logprobs.append(logprob)
-        metrics.GENERATED_TOKENS.labels(seq.adapter).inc()
-        finish = None
-        if token in self.eos_ids:
-            finish = "stop"
-        elif len(seq.tokens) >= seq.params.max_tokens:
-            finish = "length"
-        delta, hit_stop = seq._detok.add(token, final=finish is not None)
-        if hit_stop:
-            finish = "stop"
-        seq.finish_reason = finish
-        seq.emit(TokenEvent(token, logprob, delta, finish))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         delta, _ = seq._detok.add(seq.tokens[-1], final=True) if seq.tokens else ("", False)
