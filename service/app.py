@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -20,14 +20,17 @@ from thumbtune.core.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; its lifespan loads the model and starts everything (`service.runtime.build_runtime`)."""
+def create_app(settings: Settings | None = None, on_started: Callable[[], None] | None = None) -> FastAPI:
+    """Build the app; its lifespan loads the model and starts everything (`service.runtime.build_runtime`),
+    then calls ``on_started`` (the serving process: `thumbtune.core.malloc.freeze_startup_heap`)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = await anyio.to_thread.run_sync(build_runtime, settings)
         app.state.runtime = rt  # what service.dependencies.get_runtime hands the routes
+        if on_started is not None:
+            on_started()
         try:
             yield
         finally:

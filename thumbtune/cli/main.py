@@ -84,15 +84,18 @@ def serve(
     port: int = typer.Option(None, help="Port (default THUMBTUNE_PORT)."),
 ) -> None:
     """Run the OpenAI-compatible chat server."""
+    from thumbtune.core.malloc import freeze_startup_heap, tune_malloc, use_allocator
+
+    settings = configure(host=host, port=port)
+    use_allocator(settings.allocator)  # may start this command again on jemalloc: before anything big loads
+
     import uvicorn  # lazy: start-up time (the server imports torch)
 
     from service.app import create_app  # lazy: as above
-    from thumbtune.core.malloc import tune_malloc
 
-    settings = configure(host=host, port=port)
     tune_malloc(settings.malloc_mmap_threshold, settings.malloc_arena_max)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, on_started=freeze_startup_heap),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

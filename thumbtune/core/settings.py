@@ -36,15 +36,23 @@ class Settings(BaseSettings):
     )
     dtype: str = Field("float32", description="Serving dtype: float32, bfloat16 or float16.")
     num_threads: int = Field(0, description="torch intra-op threads; 0 = torch's default.")
+    allocator: Literal["jemalloc", "glibc"] = Field(
+        "jemalloc",
+        description="The server's malloc: jemalloc (preloaded, where installed: Debian's libjemalloc2; "
+        "else glibc, with a warning) or glibc. thumbtune/core/malloc.py says why.",
+    )
     malloc_mmap_threshold: int = Field(
         0,
         ge=0,
-        description="The server's glibc M_MMAP_THRESHOLD in bytes, fixed: larger blocks are mapped on their "
-        "own and returned when freed (thumbtune/core/malloc.py; 131072 cost a quarter of bench soak's "
-        "throughput); 0 = glibc's default, which grows.",
+        description="With allocator glibc: the server's M_MMAP_THRESHOLD in bytes, fixed: larger blocks "
+        "are mapped on their own and returned when freed (thumbtune/core/malloc.py; 131072 cost a quarter of "
+        "bench soak's throughput); 0 = glibc's default, which grows.",
     )
     malloc_arena_max: int = Field(
-        0, ge=0, description="The server's glibc M_ARENA_MAX (malloc arenas); 0 = glibc's default (8 a core)."
+        0,
+        ge=0,
+        description="With allocator glibc: the server's glibc M_ARENA_MAX (malloc arenas); 0 = glibc's "
+        "default (8 a core).",
     )
 
     # --- LoRA (the server and the learner must agree) ----------------------------------------
