@@ -12,7 +12,8 @@ One run on the configured model (default: the embedded SmolLM2-135M-Instruct):
 Servers run one at a time (vLLM stays up under thumbtune+vllm, which generates through it). Requests are
 non-streaming greedy chat completions of prompts from one fixed list with a fixed max_tokens; tokens/s counts
 usage.completion_tokens (all servers get the same prompts and greedy decoding, so the same answers).
-Latency is per request, client side.
+Latency is per request, client side. The thumbtune server, the naive server and the ceiling allocate with
+one malloc, the server's (THUMBTUNE_ALLOCATOR: jemalloc where installed); vLLM with its own.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from benchmarks.serve_vllm import logprob_mismatch
 from thumbtune.cli.process import ChildProcess, free_port
 from thumbtune.cli.vllm import VLLMNotInstalled, vllm_command, vllm_python
 from thumbtune.core.base_model import resolve
+from thumbtune.core.malloc import find_jemalloc, jemalloc_env
 from thumbtune.core.settings import Settings
 
 FEEDBACK_RATINGS = 300
@@ -203,12 +205,16 @@ async def feedback_bench(url: str, response_ids: list[str], n: int) -> dict:
 
 
 def _base_env(settings: Settings) -> dict[str, str]:
-    return worker_env(
+    """The environment of the thumbtune server, the naive server and the ceiling: one malloc for the three
+    (the server's, THUMBTUNE_ALLOCATOR), so that they compare serving, not allocators."""
+    env = worker_env(
         THUMBTUNE_MODEL=settings.model,
         THUMBTUNE_CACHE_DIR=str(settings.cache_dir),
         THUMBTUNE_DTYPE=settings.dtype,
         THUMBTUNE_NUM_THREADS=str(settings.num_threads),
     )
+    library = find_jemalloc() if settings.allocator == "jemalloc" else None
+    return jemalloc_env(env, library) if library else env
 
 
 def measure_ceiling(settings: Settings, max_tokens: int) -> dict:
