@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 TEST_STAMP := $(STAMP)-test
 
-.PHONY: install install-test install-vllm vllm run test lint clean chromium prometheus tls-tools
+.PHONY: install install-test install-vllm vllm run test lint clean chromium prometheus tls-tools jemalloc
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,12 +42,12 @@ $(VLLM_STAMP):
 
 install-vllm: $(VLLM_STAMP)
 
-run: install
+run: install jemalloc
 	@$(BIN)/thumbtune model
 	@exec $(BIN)/thumbtune up
 
 # The layers first (import-linter's contracts in pyproject.toml: docs/ARCHITECTURE.md), then the suite.
-test: install-test chromium prometheus tls-tools vllm
+test: install-test chromium prometheus tls-tools vllm jemalloc
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -55,6 +55,18 @@ test: install-test chromium prometheus tls-tools vllm
 vllm:
 	@$(MAKE) --no-print-directory install-vllm \
 		|| echo "!!! vLLM could not be installed in $(VLLM_VENV): the vLLM engine's tests will be SKIPPED !!!"
+
+# The server allocates with jemalloc (THUMBTUNE_ALLOCATOR, thumbtune/core/malloc.py): Debian's libjemalloc2.
+# Without it the server runs on glibc's malloc and says so, and the tests that need jemalloc are skipped.
+jemalloc:
+	@if ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 /usr/local/lib/libjemalloc.so.2 2>/dev/null | grep -q .; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's libjemalloc2, the server's malloc (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null; } \
+			|| echo "!!! apt-get could not install libjemalloc2: the server will run on glibc's malloc, and its jemalloc tests will be SKIPPED !!!"; \
+	else \
+		echo "!!! libjemalloc.so.2 is missing and apt-get cannot run here (needs root): the server will run on glibc's malloc, and its jemalloc tests will be SKIPPED !!!"; \
+	fi
 
 # The chat page's browser tests drive Debian's chromium (Playwright's own browser download is never used).
 CHROMIUM := /usr/bin/chromium

@@ -13,8 +13,9 @@ causes:
 
 So the server runs on jemalloc where it is installed (``use_allocator``: THUMBTUNE_ALLOCATOR, default
 jemalloc): it returns unused pages to the OS on its own after ~10 s (its decay), from a background thread.
-In bench soak on one machine, 12 minutes, RSS stayed within 1,048-1,060 MB before the broker pause where
-glibc's defaults swing between 1,038 and 1,097 MB, and the server answered no fewer requests.
+In bench soak (30 minutes, one machine) RSS stayed within 1,039-1,063 MB for the ten minutes before the
+broker pause, where glibc's defaults swung between 1,038 and 1,097 MB, for about as many answers (727
+against 745); docs/BENCHMARKS.md, soak run 6.
 
 With glibc (THUMBTUNE_ALLOCATOR=glibc, or jemalloc not installed), ``tune_malloc`` can fix the mmap
 threshold and the arenas at start-up, before the model is loaded (both off by default: on one machine the
@@ -158,12 +159,13 @@ def freeze_startup_heap() -> None:
     garbage collector's sight, as vLLM does after its start-up (vllm/utils/gc_utils.py, freeze_gc_heap).
 
     Python runs a full collection only once the objects promoted since the last one exceed a quarter of the
-    long-lived ones. With a million start-up objects that is ~250k objects of cyclic garbage first, such as
-    the exceptions, frames and futures kafka-python leaves behind each time a request to a frozen broker
-    times out: bench soak saw Python's small-object arenas grow by ~90 MB during a 30 s broker pause and stay
-    (the garbage was collected in the end, but the arenas it had spread over could not be given back). Frozen,
-    the start-up heap no longer counts, so full collections come early and cheap. Objects frozen here are
-    never collected if they become cyclic garbage later; start-up objects live as long as the process."""
+    long-lived ones, and each full collection walks them all, holding the GIL (the engine thread waits). With
+    a million start-up objects that is ~250k objects of cyclic garbage first, such as the exceptions, frames
+    and futures kafka-python leaves behind when requests to a frozen broker time out, then one long pause.
+    Frozen, the start-up heap no longer counts: full collections come early and walk only what came since.
+    (It did not remove bench soak's RSS step at the broker pause: docs/BENCHMARKS.md, soak run 6.) Objects
+    frozen here are never collected if they become cyclic garbage later; start-up objects live as long as
+    the process."""
     for generation in range(3):
         gc.collect(generation)
     gc.freeze()
