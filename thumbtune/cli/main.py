@@ -20,6 +20,7 @@ from thumbtune.cli.broker import run_broker
 from thumbtune.cli.configure import configure
 from thumbtune.cli.rules import RULE_HELP, load_rule
 from thumbtune.cli.simulate import SimulationError, Simulator, load_prompts, progress_printer, summary_lines
+from thumbtune.core.malloc import freeze_startup_heap, tune_malloc, use_allocator
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -84,8 +85,6 @@ def serve(
     port: int = typer.Option(None, help="Port (default THUMBTUNE_PORT)."),
 ) -> None:
     """Run the OpenAI-compatible chat server."""
-    from thumbtune.core.malloc import freeze_startup_heap, tune_malloc, use_allocator
-
     settings = configure(host=host, port=port)
     use_allocator(settings.allocator)  # may start this command again on jemalloc: before anything big loads
 
