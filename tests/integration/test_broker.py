@@ -18,7 +18,7 @@ from tests.support.kafka import ConsumeAll
 from thumbtune.cli.broker import EmbeddedBroker
 from thumbtune.cli.process import free_port
 from thumbtune.core.contract import ADAPTERS_TOPIC, FEEDBACK_TOPIC
-from thumbtune.core.kafka import consumer_group_config, ensure_topics
+from thumbtune.core.kafka import consumer_group_config, ensure_topics, make_consumer
 from thumbtune.core.settings import Settings
 
 pytestmark = pytest.mark.broker
@@ -199,3 +199,49 @@ def test_broker_dies_with_a_killed_parent() -> None:
     while alive(tansu) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(tansu)
+
+
+def test_a_group_consumer_waits_instead_of_spinning_while_the_broker_is_frozen(tmp_path: Path) -> None:
+    """A frozen broker (SIGSTOP, as bench soak's pause) leaves a heartbeat awaiting its response; kafka-python
+    then capped every fetch wait at 0 and spun (~1000 fetch waits a second, a core, ~5 kB of callbacks
+    each). `make_consumer`'s group consumers wait the retry back-off instead, and carry on once it thaws."""
+    topic = "test.frozen"
+    with EmbeddedBroker(port=free_port(), log_file=tmp_path / "tansu.log") as broker:
+        ensure_topics(broker.bootstrap, {topic: 1})
+        settings = Settings(kafka_bootstrap_servers=broker.bootstrap)
+        consumer = make_consumer(settings, "test-frozen", group_id="test-frozen", auto_offset_reset="latest")
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 20
+        while not consumer.assignment() and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=200)
+        assert consumer.assignment(), "the group was never joined"
+        waits = 0
+        fetch_records = consumer._fetcher.fetch_records
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            nonlocal waits
+            waits += 1
+            return fetch_records(*args, **kwargs)
+
+        consumer._fetcher.fetch_records = counted
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+            while time.monotonic() - frozen < 4:  # past one heartbeat interval (2 s) after the next is sent
+                consumer.poll(timeout_ms=200)
+            waits, polls = 0, 0
+            while time.monotonic() - frozen < 8:
+                consumer.poll(timeout_ms=200)
+                polls += 1
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert waits <= 3 * polls + 20, f"{waits} fetch waits in {polls} polls of 200 ms: poll() is spinning"
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        producer.send(topic, value=b"after").get(timeout=30)
+        producer.close()
+        got: list[bytes] = []
+        deadline = time.monotonic() + 40
+        while not got and time.monotonic() < deadline:
+            got = [r.value for batch in consumer.poll(timeout_ms=200).values() for r in batch]
+        consumer.close(autocommit=False)
+    assert got == [b"after"]

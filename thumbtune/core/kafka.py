@@ -11,6 +11,12 @@ What we measured against Tansu 0.6.0 (the embedded broker, thumbtune/cli/broker.
   timeout is 45 s, so a default consumer waits ~23 s for its first record; with ``session_timeout_ms=6000``
   (the smallest Apache Kafka accepts by default) it is ~3 s: `consumer_group_config`. Manual ``assign()``
   without a group is immediate.
+* While a heartbeat is awaiting its response past ``heartbeat_interval_ms`` (a frozen or partitioned broker),
+  kafka-python caps the consumer's fetch wait at the time to the next heartbeat, which is then 0: poll()
+  spins (about 1000 fetch waits a second, a whole core) and each spin hangs another callback chain on the
+  in-flight fetch, about 5 kB, freed only when that fetch ends (request_timeout_ms): a 30 s pause of the
+  broker grew a server by ~150 MB. Apache Kafka's Java client had the same bug (KAFKA-21031) and fixed it
+  by waiting the retry back-off instead; `_HeartbeatInFlight` does that for every group consumer made here.
 * A producer that sends to a missing topic gets it auto-created with 4 partitions even with
   ``allow_auto_create_topics=False``, so `ensure_topics` runs before clients connect.
 """
@@ -27,6 +33,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.coordinator.heartbeat import Heartbeat
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from thumbtune.core.contract import ADAPTERS_TOPIC, CONTROL_TOPIC, FEEDBACK_TOPIC
@@ -160,6 +167,35 @@ def consumer_group_config(settings: Settings) -> dict[str, int]:
     }
 
 
+class _HeartbeatInFlight(Heartbeat):
+    """kafka-python's heartbeat timer, except that while a heartbeat request awaits its response the time to
+    the next heartbeat is at least the retry back-off, never 0 (no second heartbeat can be sent before the
+    first one ends anyway). The consumer's poll loop waits on fetches for at most that long, so with a broker
+    that stops answering it now wakes every ``retry_backoff_ms`` instead of spinning (KAFKA-21031's fix)."""
+
+    awaiting = False
+
+    def sent_heartbeat(self) -> None:
+        super().sent_heartbeat()
+        self.awaiting = True
+
+    def received_heartbeat(self) -> None:
+        super().received_heartbeat()
+        self.awaiting = False
+
+    def fail_heartbeat(self) -> None:
+        super().fail_heartbeat()
+        self.awaiting = False
+
+    def reset_timeouts(self) -> None:
+        super().reset_timeouts()
+        self.awaiting = False
+
+    def time_to_next_heartbeat(self) -> float:
+        due = super().time_to_next_heartbeat()
+        return max(due, self.config["retry_backoff_ms"] / 1000) if self.awaiting else due
+
+
 def make_producer(settings: Settings, client_id: str, **options: Any) -> KafkaProducer:
     """A producer for the configured cluster; ``options`` are KafkaProducer's own (acks, retries, ...)."""
     return KafkaProducer(client_id=client_id, **connection_config(settings), **options)
@@ -187,13 +223,17 @@ def make_consumer(
     """A consumer for the configured cluster: in ``group_id`` (with `consumer_group_config`'s timing, which
     ``options`` may override) or, with ``group_id=None``, for manual assignment."""
     group = consumer_group_config(settings) if group_id is not None else {}
-    return KafkaConsumer(
+    consumer = KafkaConsumer(
         **connection_config(settings),
         client_id=client_id,
         group_id=group_id,
         enable_auto_commit=False,
         **(group | options),
     )
+    if group_id is not None:
+        # The same object (its metrics hold it too), with the in-flight-aware timer: see _HeartbeatInFlight.
+        consumer._coordinator.heartbeat.__class__ = _HeartbeatInFlight
+    return consumer
 
 
 def make_admin(bootstrap: str, timeout_ms: int, settings: Settings | None = None) -> KafkaAdminClient:
