@@ -56,56 +56,42 @@ vllm:
 	@$(MAKE) --no-print-directory install-vllm \
 		|| echo "!!! vLLM could not be installed in $(VLLM_VENV): the vLLM engine's tests will be SKIPPED !!!"
 
+# $(call apt_or_warn,CHECK,PACKAGES,FOR,WITHOUT): unless the shell test CHECK passes, install Debian's PACKAGES
+# (as root, with apt-get) for FOR; where that cannot be done, say loudly what happens WITHOUT them (no commas
+# in the arguments: they separate them).
+define apt_or_warn
+	@if $(1); then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's $(2) $(3) (apt-get)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null; } \
+			|| echo "!!! apt-get could not install $(2): $(4) !!!"; \
+	else \
+		echo "!!! $(2) is missing and apt-get cannot run here (needs root): $(4) !!!"; \
+	fi
+endef
+
 # The server allocates with jemalloc (THUMBTUNE_ALLOCATOR, thumbtune/core/malloc.py): Debian's libjemalloc2.
 # Without it the server runs on glibc's malloc and says so, and the tests that need jemalloc are skipped.
 jemalloc:
-	@if ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 /usr/local/lib/libjemalloc.so.2 2>/dev/null | grep -q .; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "Installing Debian's libjemalloc2, the server's malloc (apt-get)"; \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null; } \
-			|| echo "!!! apt-get could not install libjemalloc2: the server will run on glibc's malloc, and its jemalloc tests will be SKIPPED !!!"; \
-	else \
-		echo "!!! libjemalloc.so.2 is missing and apt-get cannot run here (needs root): the server will run on glibc's malloc, and its jemalloc tests will be SKIPPED !!!"; \
-	fi
+	$(call apt_or_warn,ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 /usr/local/lib/libjemalloc.so.2 2>/dev/null | grep -q .,libjemalloc2,for the server's malloc,the server will run on glibc's malloc and its jemalloc tests will be SKIPPED)
 
 # The chat page's browser tests drive Debian's chromium (Playwright's own browser download is never used).
 CHROMIUM := /usr/bin/chromium
 
 chromium:
-	@if [ -x $(CHROMIUM) ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "Installing Debian's chromium for the chat page's browser tests (apt-get)"; \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; } \
-			|| echo "!!! apt-get could not install chromium: the chat page's browser tests will be SKIPPED !!!"; \
-	else \
-		echo "!!! $(CHROMIUM) is missing and apt-get cannot run here (needs root): the chat page's browser tests will be SKIPPED !!!"; \
-	fi
+	$(call apt_or_warn,[ -x $(CHROMIUM) ],chromium fonts-liberation,for the chat page's browser tests,the chat page's browser tests will be SKIPPED)
 
 # promtool checks deploy/prometheus; a real Prometheus scrapes a running server and learner in the tests.
 # Both come from Debian's prometheus package (its service is not started: the tests run their own).
 PROMTOOL := /usr/bin/promtool
 
 prometheus:
-	@if [ -x $(PROMTOOL) ] && [ -x /usr/bin/prometheus ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "Installing Debian's prometheus for the alert-rule and scrape tests (apt-get)"; \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-			|| echo "!!! apt-get could not install prometheus: the promtool and Prometheus scrape tests will be SKIPPED !!!"; \
-	else \
-		echo "!!! $(PROMTOOL) is missing and apt-get cannot run here (needs root): the promtool and Prometheus scrape tests will be SKIPPED !!!"; \
-	fi
+	$(call apt_or_warn,[ -x $(PROMTOOL) ] && [ -x /usr/bin/prometheus ],prometheus,for the alert-rule and scrape tests,the promtool and Prometheus scrape tests will be SKIPPED)
 
 # Kafka over TLS is tested through a TLS terminator (socat) in front of the embedded broker, with a CA the
 # test makes (openssl): both from Debian.
 tls-tools:
-	@if command -v socat >/dev/null && command -v openssl >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "Installing Debian's socat and openssl for the Kafka TLS tests (apt-get)"; \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat openssl >/dev/null; } \
-			|| echo "!!! apt-get could not install socat/openssl: the Kafka TLS tests will be SKIPPED !!!"; \
-	else \
-		echo "!!! socat or openssl is missing and apt-get cannot run here (needs root): the Kafka TLS tests will be SKIPPED !!!"; \
-	fi
+	$(call apt_or_warn,command -v socat >/dev/null && command -v openssl >/dev/null,socat openssl,for the Kafka TLS tests,the Kafka TLS tests will be SKIPPED)
 
 lint: install-test
 	$(BIN)/lint-imports
