@@ -156,17 +156,17 @@ def bench_loop(
         help="The embedded learner's refine_rounds: own-answer updates between human batches (default: "
         "THUMBTUNE_LEARNER_REFINE_ROUNDS's).",
     ),
-    canary_share: float = typer.Option(
+    canary_share: str = typer.Option(
         None,
-        min=0.0,
-        max=0.5,
-        help="Serve each new version to this share of users as a canary first (THUMBTUNE_CANARY_SHARE; "
-        "default none, as `thumbtune up`); the users then come as 1,000 distinct `user` ids.",
+        help="Serve each new version to this share of users (0-0.5) as a canary first "
+        "(THUMBTUNE_CANARY_SHARE; default none, as `thumbtune up`); the users then come as 1,000 distinct "
+        "`user` ids. Several, comma-separated (e.g. 0,0.1), run side by side as --signal's do, into "
+        "OUT/canary-<share>.",
     ),
 ) -> None:
     """The whole loop with simulated users: approval, KL, capability per version; results.json + plot."""
     from benchmarks.loop import run  # lazy: start-up time (torch), for every `thumbtune` command
-    from benchmarks.loop_compare import parse_signals, side_by_side  # lazy: as above
+    from benchmarks.loop_compare import arms, side_by_side  # lazy: as above
 
     options = dict(
         rule=rule,
@@ -182,23 +182,15 @@ def bench_loop(
         seed=seed,
         think_s=think_s,
         refine_rounds=refine_rounds,
-        canary_share=canary_share,
     )
     try:
-        signals = parse_signals(signal) if signal is not None else []
-        if len(signals) > 1:
+        runs = arms(signal, canary_share)
+        if len(runs) > 1:
             if url is not None:
-                raise ValueError("side by side starts one embedded system per signal: drop --url")
-            side_by_side(configure(), signals, out=out, **options)
+                raise ValueError("side by side starts one embedded system per arm: drop --url")
+            side_by_side(configure(), runs, out=out, **options)
         else:
-            run(
-                configure(),
-                out=out,
-                url=url,
-                adapter_store=adapter_store,
-                signal=signals[0] if signals else None,
-                **options,
-            )
+            run(configure(), out=out, url=url, adapter_store=adapter_store, **options, **runs.popitem()[1])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 

@@ -54,6 +54,16 @@ def _manifests(store: Path) -> list[AdapterManifest]:
     return [versions.read_manifest(v) for v in versions.versions()]
 
 
+def served_by_quarter(report: Report) -> list[float | None]:
+    """The rule's approval of the answers users were served (whatever version served them), per quarter of
+    the run's ratings in the order they were made: what the users got, where `approval` is what the
+    learner's versions would give."""
+    ratings = report.ratings
+    quarters = [ratings[len(ratings) * q // 4 : len(ratings) * (q + 1) // 4] for q in range(4)]
+    verdicts = [[a for r in quarter for a in r.approved] for quarter in quarters]
+    return [round(sum(v) / len(v), 3) if v else None for v in verdicts]
+
+
 def wait_for_trained(store: Path, events_sent: int, batch_size: int, timeout_s: float) -> None:
     """Give the learner time to write the version whose batch the last ratings completed."""
     expected = (events_sent // batch_size) * batch_size
@@ -163,7 +173,8 @@ def run(
 ) -> dict:
     """One run; ``signal`` and ``refine_rounds`` set the embedded learner's THUMBTUNE_LEARNER_SIGNAL and
     _REFINE_ROUNDS (None: the environment's); ``canary_share``, THUMBTUNE_CANARY_SHARE (the users then come
-    as 1,000 distinct `user` ids, so the share can draw them)."""
+    as 1,000 distinct `user` ids, so the share can draw them; also with a share of 0, so that a run without
+    canaries compares with one with them on the same users)."""
     judge = load_rule(rule)
     overrides = {
         name: value
@@ -213,7 +224,7 @@ def run(
         prompts=load_prompts("train"),
         seed=seed,
         think_s=think_s,
-        population=1000 if canary_share else None,
+        population=1000 if canary_share is not None else None,
         on_rating=progress_printer(50),
     )
     if url is None:
@@ -349,6 +360,8 @@ def measure(
         "versions": len(rows),
         "refine_versions": sum(1 for r in rows if r["events"] == 0),
         "versions_seen_live": len(to_live),
+        "ratings_untrained": len(report.ratings) - evaluated[-1]["thumbs"],
+        "served_approval_by_quarter": served_by_quarter(report),
         "loop_wall_s": round(report.finished_at - report.started_at, 1),
         "request_errors": dict(report.errors),
     }

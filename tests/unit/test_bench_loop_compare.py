@@ -1,5 +1,6 @@
-"""`thumbtune bench loop --signal a,b`: the runs side by side (benchmarks/loop_compare.py). The loop itself is
-tests/integration/test_loop.py's; here each run is a recorded result, so the joining is what is tested."""
+"""`thumbtune bench loop --signal a,b` and `--canary-share x,y`: the runs side by side
+(benchmarks/loop_compare.py). The loop itself is tests/integration/test_loop.py's; here each run is a recorded
+result, so the joining is what is tested."""
 
 from __future__ import annotations
 
@@ -34,6 +35,35 @@ def test_signals_are_named_once_each_and_unknown_ones_refused() -> None:
             loop_compare.parse_signals(bad)
 
 
+def test_an_arm_differs_from_the_others_in_one_setting() -> None:
+    assert loop_compare.arms(None, None) == {"run": {}}
+    assert loop_compare.arms("both", None) == {"both": {"signal": "both"}}
+    assert loop_compare.arms("direct,both", "0.1") == {
+        "direct": {"canary_share": 0.1, "signal": "direct"},
+        "both": {"canary_share": 0.1, "signal": "both"},
+    }
+    assert loop_compare.arms("direct", "0, 0.1") == {
+        "canary-0": {"signal": "direct", "canary_share": 0.0},
+        "canary-0.1": {"signal": "direct", "canary_share": 0.1},
+    }
+    for bad in ("", "0.1,0.1", "0.6", "-0.1", "ten"):
+        with pytest.raises(ValueError, match="--canary-share takes"):
+            loop_compare.arms(None, bad)
+    with pytest.raises(ValueError, match="varies one setting"):
+        loop_compare.arms("direct,both", "0,0.1")
+
+
+def test_served_approval_is_counted_per_quarter_of_the_ratings() -> None:
+    from benchmarks.loop import served_by_quarter
+    from thumbtune.cli.simulate import Rating, Report
+
+    report = Report()
+    verdicts = [[False], [False], [True, False], [True], [True], [True, True], [False], [True]]
+    report.ratings = [Rating(i, i, "v0", "p", ["a"], v, {}, False, [], [1]) for i, v in enumerate(verdicts)]
+    assert served_by_quarter(report) == [0.0, 0.667, 1.0, 0.5]
+    assert served_by_quarter(Report()) == [None, None, None, None]
+
+
 def test_each_signal_runs_on_the_same_options_and_is_compared_with_the_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -45,7 +75,8 @@ def test_each_signal_runs_on_the_same_options_and_is_compared_with_the_first(
         return recorded[signal]
 
     monkeypatch.setattr(loop_compare, "run", fake_run)
-    joint = loop_compare.side_by_side(Settings(), ["direct", "both"], out=tmp_path, rule="concise", seed=3)
+    runs = loop_compare.arms("direct,both", None)
+    joint = loop_compare.side_by_side(Settings(), runs, out=tmp_path, rule="concise", seed=3)
     assert [(s, o) for s, o, _ in calls] == [("direct", tmp_path / "direct"), ("both", tmp_path / "both")]
     assert all(options == {"rule": "concise", "seed": 3} for _, _, options in calls)
     assert joint["ratios"] == {
