@@ -14,9 +14,10 @@ What we measured against Tansu 0.6.0 (the embedded broker, thumbtune/cli/broker.
 * While a heartbeat is awaiting its response past ``heartbeat_interval_ms`` (a frozen or partitioned broker),
   kafka-python caps the consumer's fetch wait at the time to the next heartbeat, which is then 0: poll()
   spins (about 1000 fetch waits a second, a whole core) and each spin hangs another callback chain on the
-  in-flight fetch, about 5 kB, freed only when that fetch ends (request_timeout_ms): a 30 s pause of the
-  broker grew a server by ~150 MB. Apache Kafka's Java client had the same bug (KAFKA-21031) and fixed it
-  by waiting the retry back-off instead; `_HeartbeatInFlight` does that for every group consumer made here.
+  in-flight fetch, about 5 kB, freed only when that fetch ends (request_timeout_ms): with the server's three
+  consumers, a 30 s pause of the broker held ~150 MB of them (bench soak: a lasting RSS step). Apache
+  Kafka's Java client had the same bug (KAFKA-21031) and fixed it by waiting the retry back-off instead;
+  `_HeartbeatInFlight` does that for every group consumer made here.
 * A producer that sends to a missing topic gets it auto-created with 4 partitions even with
   ``allow_auto_create_topics=False``, so `ensure_topics` runs before clients connect.
 """
@@ -171,29 +172,17 @@ class _HeartbeatInFlight(Heartbeat):
     """kafka-python's heartbeat timer, except that while a heartbeat request awaits its response the time to
     the next heartbeat is at least the retry back-off, never 0 (no second heartbeat can be sent before the
     first one ends anyway). The consumer's poll loop waits on fetches for at most that long, so with a broker
-    that stops answering it now wakes every ``retry_backoff_ms`` instead of spinning (KAFKA-21031's fix)."""
+    that stops answering it now wakes every ``retry_backoff_ms`` instead of spinning (KAFKA-21031's fix).
 
-    awaiting = False
-
-    def sent_heartbeat(self) -> None:
-        super().sent_heartbeat()
-        self.awaiting = True
-
-    def received_heartbeat(self) -> None:
-        super().received_heartbeat()
-        self.awaiting = False
-
-    def fail_heartbeat(self) -> None:
-        super().fail_heartbeat()
-        self.awaiting = False
-
-    def reset_timeouts(self) -> None:
-        super().reset_timeouts()
-        self.awaiting = False
+    A heartbeat awaits its response when it was sent after the last response and the last reset, and has
+    not failed: kafka-python's own bookkeeping (sent_heartbeat, received_heartbeat, fail_heartbeat,
+    reset_timeouts).
+    """
 
     def time_to_next_heartbeat(self) -> float:
         due = super().time_to_next_heartbeat()
-        return max(due, self.config["retry_backoff_ms"] / 1000) if self.awaiting else due
+        awaiting = not self.heartbeat_failed and self.last_send > max(self.last_receive, self.last_reset)
+        return max(due, self.config["retry_backoff_ms"] / 1000) if awaiting else due
 
 
 def make_producer(settings: Settings, client_id: str, **options: Any) -> KafkaProducer:
