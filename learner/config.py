@@ -125,7 +125,10 @@ class LearnerSettings(PPOConfig, BaseSettings):
         60.0, gt=0, description="Train on a partial batch (>= min_batch) after this wait."
     )
     max_staleness: int = Field(
-        4, ge=0, description="Drop events served by an adapter over this many versions behind the learner."
+        4,
+        ge=0,
+        description="Drop events served by an adapter over this many versions behind the learner, unless a "
+        "replica still serves it as live.",
     )
 
     # --- the reward model (learner/reward_model.py) ------------------------------------------------------

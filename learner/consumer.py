@@ -40,7 +40,7 @@ from learner import metrics
 from learner.announce import Announcer, announce_latest_if_missing, announcement_for, retrying
 from learner.config import LearnerSettings
 from learner.control import ControlFollower
-from learner.events import staleness
+from learner.events import reason_code
 from learner.progress import Progress
 from learner.trainer import Learner
 from thumbtune.core.contract import FEEDBACK_TOPIC, LEARNER_GROUP, FeedbackEvent
@@ -99,7 +99,7 @@ class KafkaLearner:
         self.learner = learner if learner is not None else Learner(settings, learner_settings)
         self.progress = progress if progress is not None else Progress(learner_settings.batch_size, tty=False)
         self.announcer = Announcer(settings)
-        self.control = ControlFollower(settings, self.learner.refusals)
+        self.control = ControlFollower(settings, self.learner.refusals, self.learner.serving)
         store, latest = self.learner.store, self.learner.store.latest()
         self.durable: dict[str, int] = dict(store.read_manifest(latest).offsets) if latest else {}
         """Offsets of the newest version: where consumption restarts after a crash or a rebalance."""
@@ -247,7 +247,7 @@ class KafkaLearner:
         return (
             self._due()
             or len(self.pending) + (self.lag or 0) >= ls.batch_size
-            or any(staleness(e, self.learner.newest) >= ls.max_staleness for e in self.pending)
+            or any(reason_code(self.learner.stale_reason(e, 1) or "") == "stale" for e in self.pending)
         )
 
     def _consume(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:

@@ -7,9 +7,13 @@ partition, kept for ever; service/adapters/control.py). The learner reads the sa
     refuse    ``version``, whoever refused it (an operator, a replica's admission checks, the canary judge)
     rollback  ``previous``, the version rolled back from
 
-Every other decision, every receipt (`ControlAck`) and every malformed record is ignored (the last
-logged). v0, the empty adapter, is never refused: it is where the learner falls back to when everything
-above it was.
+Every other decision and every malformed record is ignored (the last logged). v0, the empty adapter, is
+never refused: it is where the learner falls back to when everything above it was.
+
+The replicas' receipts (`ControlAck`: after every decision a replica applies, when it joins, and whenever
+its live version changes) say what each replica serves as live; `Serving` keeps the newest per replica. Ratings of answers a live
+version gave are never dropped as stale (learner/events.py): with canaries the live version may stay many
+versions behind the learner while a canary is judged, and its ratings are most of what users give.
 
 Before each update (`Learner.train`, `Learner.refine`) the learner asks whether its head (the version its
 weights are, the next version's parent) is refused; if it is, it restores the newest version in the store
@@ -93,6 +97,41 @@ class Refusal:
         return None
 
 
+def parse(value: bytes | None, where: str) -> ControlRecord | ControlAck | None:
+    """A record of the log, or None (logged) if it is malformed."""
+    try:
+        return parse_control(value or b"")
+    except ValueError as exc:  # not JSON, not UTF-8, neither kind, or a field that does not validate
+        log.warning("skipping %s: not a control record (%s)", where, " ".join(str(exc).split())[:300])
+        return None
+
+
+class Serving:
+    """The live version of every replica that has said so on the log and not left (its newest receipt).
+
+    A replica that crashed without saying goodbye stays until it comes back under its name; its version
+    then only keeps exempting ratings that version gave, which still carry their importance weights.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, str] = {}
+
+    def take(self, record: ControlRecord | ControlAck | None) -> None:
+        if not isinstance(record, ControlAck):
+            return
+        with self._lock:
+            if record.leaving:
+                self._live.pop(record.replica, None)
+            else:
+                self._live[record.replica] = record.live
+
+    def versions(self) -> frozenset[str]:
+        """The versions some replica serves as live now (none known: empty)."""
+        with self._lock:
+            return frozenset(self._live.values())
+
+
 class Refusals:
     """The versions the learner must not continue from, with why; shared by the thread that folds the log
     in (`fold`) and the updates that read it (`get`, `fallback`, `summary`)."""
@@ -137,12 +176,11 @@ class Refusals:
 
     def fold(self, value: bytes | None, where: str) -> Refusal | None:
         """One record of the log; the refusal it adds, if any. Malformed records are logged and skipped."""
-        try:
-            record = parse_control(value or b"")
-        except ValueError as exc:  # not JSON, not UTF-8, neither kind, or a field that does not validate
-            log.warning("skipping %s: not a control record (%s)", where, " ".join(str(exc).split())[:300])
-            return None
-        if isinstance(record, ControlAck):
+        return self.take(parse(value, where), where)
+
+    def take(self, record: ControlRecord | ControlAck | None, where: str) -> Refusal | None:
+        """The refusal a parsed record adds, if any."""
+        if not isinstance(record, ControlRecord):
             return None
         refusal = Refusal.of(record)
         if refusal is None or not self.add(refusal):
@@ -193,7 +231,8 @@ def restored(refusal: Refusal, target: str) -> None:
 
 
 class ControlFollower(TopicFollower):
-    """Follows ``thumbtune.control`` from its start in a daemon thread, folding it into ``refusals``.
+    """Follows ``thumbtune.control`` from its start in a daemon thread, folding it into ``refusals`` and
+    ``serving``.
 
     Kafka never stops training: while the broker is unreachable the thread retries with backoff (and the
     learner trains with the refusals it knows); on reconnection it goes on from where it stopped reading.
@@ -201,10 +240,11 @@ class ControlFollower(TopicFollower):
 
     topic, thread_name = CONTROL_TOPIC, "thumbtune-learner-control"
 
-    def __init__(self, settings: Settings, refusals: Refusals) -> None:
+    def __init__(self, settings: Settings, refusals: Refusals, serving: Serving | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.refusals = refusals
+        self.serving = serving if serving is not None else Serving()
         self.position = 0
         """The next offset of thumbtune.control to read."""
         self.replayed = threading.Event()
@@ -241,7 +281,10 @@ class ControlFollower(TopicFollower):
     def on_records(self, polled: dict) -> None:
         for records in polled.values():
             for record in records:
-                self.refusals.fold(record.value, f"{CONTROL_TOPIC}@{record.offset}")
+                where = f"{CONTROL_TOPIC}@{record.offset}"
+                parsed = parse(record.value, where)
+                self.refusals.take(parsed, where)
+                self.serving.take(parsed)
                 self.position = record.offset + 1
         self._check_replayed()
 

@@ -41,7 +41,7 @@ import torch
 
 from learner.checkpoint import load_latest, restore_version, save_version, trained_event_ids
 from learner.config import LearnerSettings
-from learner.control import Refusal, Refusals, restored
+from learner.control import Refusal, Refusals, Serving, restored
 from learner.distributed import SINGLE, DataParallel
 from learner.events import SkipCounter, parse_event, stale_reason, validate_event
 from learner.policy import Batch, Sample, features
@@ -116,6 +116,8 @@ class Learner:
         self.refusals = Refusals.from_manifest(self.store.read_manifest(latest) if latest else None)
         """Versions not to train on from (learner/control.py): the newest manifest's, and thumbtune.control's
         once a `ControlFollower` folds it in."""
+        self.serving = Serving()
+        """What the replicas serve as live (learner/control.py): their ratings are never dropped as stale."""
         self._restored: Refusal | None = None
         """The refused head the weights were restored from since the last version written."""
         self.max_length: int | None = getattr(self.base.model.config, "max_position_embeddings", None)
@@ -145,11 +147,17 @@ class Learner:
         self.admitted.add(event.event_id)
         return event
 
+    def stale_reason(self, event: FeedbackEvent, versions_ahead: int = 0) -> str | None:
+        """Why ``event`` is too stale to train on ``versions_ahead`` versions from now; None if it is not."""
+        limit = self.learner_settings.max_staleness - versions_ahead
+        return stale_reason(event, self.newest, limit, self.serving.versions())
+
     def drop_stale(self, events: list[FeedbackEvent]) -> list[FeedbackEvent]:
-        """The events within max_staleness versions of the current weights (the rest: counted, logged)."""
+        """The events within max_staleness versions of the current weights, or served by a live version (the
+        rest: counted, logged)."""
         kept = []
         for event in events:
-            reason = stale_reason(event, self.newest, self.learner_settings.max_staleness)
+            reason = self.stale_reason(event)
             if reason is None:
                 kept.append(event)
             else:

@@ -114,6 +114,10 @@ class CanaryView(BaseModel):
     )
     reason: str
     expired: bool = Field(description="Undecided for longer than THUMBTUNE_CANARY_MAX_WAIT_S.")
+    exhausted: bool = Field(
+        description="Undecided after THUMBTUNE_CANARY_REPLACE_AFTER ratings of its answers: the version "
+        "waiting, if any, replaces it."
+    )
     waiting: str | None = Field(description="The newest checked version waiting for the canary slot.")
 
 

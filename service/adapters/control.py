@@ -11,7 +11,8 @@ after waiting up to ``THUMBTUNE_CONTROL_CONFIRM_S`` for the receipts of the othe
 The log is the state. A replica that starts reads it from the beginning (`replay`) and folds every
 decision in (`AdapterManager.restore`) before start-up loads anything, so a restarted replica comes up
 pinned where the cluster is pinned and never serves a refused version. Replicas say when they join and
-leave (receipts without a decision); a replica that crashed stays on the list, unconfirmed, until it
+leave, and what goes live on them whatever made it (receipts without a decision: the learner reads them,
+learner/control.py `Serving`); a replica that crashed stays on the list, unconfirmed, until it
 comes back under its name (``THUMBTUNE_REPLICA_ID``; by default host name and process id, which in a
 container is the pod's name and 1).
 
@@ -106,6 +107,7 @@ class ControlPlane(TopicFollower):
         self._unsent: list[ControlRecord] = []
         manager.on_refused = self._refused_by_checks
         manager.on_candidate = self._candidate
+        manager.on_live = self._went_live
         metrics.CONTROL_CONNECTED.labels(self.replica).set(0)
 
     # --- start-up, the thread, shutdown -----------------------------------------------------------------
@@ -293,6 +295,15 @@ class ControlPlane(TopicFollower):
     def _refused_by_checks(self, version: str, reason: str, message: str) -> None:
         """This replica's checks refused ``version``: the cluster refuses it too."""
         self.propose(ControlAction.refuse, version, message, actor="checks", check=reason)
+
+    def _went_live(self, version: str) -> None:
+        """Say what this replica serves now (a receipt of no decision), so the learner knows (best effort:
+        a decision's receipt says it again)."""
+        if self.connected.is_set():
+            try:
+                self._send(self._ack(None, True), wait=0)
+            except ControlUnavailable:
+                log.debug("could not say on %s that %s is live", CONTROL_TOPIC, version)
 
     def _candidate(self, version: str) -> None:
         """A checked version newer than live: the cluster's next canary (several replicas may propose it;

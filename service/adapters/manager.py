@@ -20,8 +20,9 @@ takes a version out of service for good, stepping down to the newest good versio
 Canaries (with a control plane and THUMBTUNE_CANARY_SHARE > 0): an automatic step does not make a
 new version live; it checks it and proposes it as the canary (`on_candidate`). Once the cluster has
 made it the canary (`start_canary`) it serves a share of users until the judge (or an operator)
-promotes it (`promote`) or refuses it; a newer version waits for the slot (`waiting`) unless the
-canary is past THUMBTUNE_CANARY_MAX_WAIT_S, when it takes the slot. A pin freezes the stage.
+promotes it (`promote`) or refuses it; a newer version waits for the slot (`waiting`), and the newest
+waiting takes it when the judge finds the canary undecided for too long (service/canary/judge.py). A pin
+freezes the stage.
 
 The cluster's state (pinned, canary, promoted, refused) is the control log's; how each decision is
 validated, applied and replayed is service/adapters/decisions.py.
@@ -99,6 +100,9 @@ class AdapterManager:
         self.on_candidate: Callable[[str], None] | None = None
         """With canaries on, called with a checked version newer than live (the control plane proposes it
         as the canary: service/adapters/decisions.py)."""
+        self.on_live: Callable[[str], None] | None = None
+        """Called with the version that just went live, whatever made it (the control plane says so in a
+        receipt: the learner keeps training on that version's ratings however far ahead it is)."""
         self.canary_since: float | None = None
         """When the cluster made the canary the canary (its record's time: the same on every replica)."""
         self.waiting: str | None = None
@@ -218,11 +222,6 @@ class AdapterManager:
                 self.proposed = waiting
                 self.on_candidate(waiting)  # type: ignore[misc]
 
-    def canary_expired(self) -> bool:
-        """The canary has been undecided for longer than THUMBTUNE_CANARY_MAX_WAIT_S."""
-        since = self.canary_since
-        return since is not None and time.time() - since > self.settings.canary_max_wait_s
-
     def rollback(self) -> str:
         """Back to the newest good version below the live one, pinned; returns it."""
         with self._lock:
@@ -302,7 +301,7 @@ class AdapterManager:
     ) -> bool:
         """An automatic step found ``version`` newer than what serves. Without canaries it goes live now;
         with them it is checked and proposed as the canary, or waits for the slot while a canary is under
-        test and not yet past THUMBTUNE_CANARY_MAX_WAIT_S. True if it passed its checks."""
+        test (the judge may give it the slot). True if it passed its checks."""
         if not (self.canaries and through_canary):
             return self._try(version, trigger, enforce_kl_live=enforce_kl_live, announcement=announcement)
         if not self._check(version, enforce_kl_live=enforce_kl_live, announcement=announcement):
@@ -310,7 +309,7 @@ class AdapterManager:
         self.registry.unstage(version)  # start_canary admits it again (at once, if it is still loaded)
         if self.proposed is not None and version_number(version) <= version_number(self.proposed):
             return True  # proposed already (a repeated announcement, a catch-up)
-        if self.canary is None or self.canary_expired():
+        if self.canary is None:
             self.proposed = version
             self.on_candidate(version)  # type: ignore[misc]
         elif self.waiting is None or version_number(version) > version_number(self.waiting):
@@ -372,6 +371,8 @@ class AdapterManager:
         self.registry.unstage(version)  # admission kept it loaded until now
         self.admission.forget(self.live)
         if previous != version:
+            if self.on_live is not None:
+                self.on_live(version)
             metrics.ADAPTER_SWAPS.labels(trigger).inc()
             log.info(
                 "adapter %s is live (was %s; %s; checks and load took %.0f ms)",

@@ -144,6 +144,7 @@ def _canary(manager: AdapterManager, tallies: Tallies | None) -> CanaryView | No
             verdict=None,
             reason="not judged yet (the feedback topic is still being read)",
             expired=False,
+            exhausted=False,
             waiting=manager.waiting,
         )
     cs = last.approval.interval
@@ -163,5 +164,6 @@ def _canary(manager: AdapterManager, tallies: Tallies | None) -> CanaryView | No
         verdict=last.verdict.value,
         reason=last.reason,
         expired=last.expired,
+        exhausted=last.exhausted,
         waiting=manager.waiting,
     )

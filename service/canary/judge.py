@@ -12,10 +12,18 @@ Every second, on every replica, with the tallies of `VersionRatings` (all replic
 Each test runs at alpha / 2 (THUMBTUNE_CANARY_ALPHA), so by the union bound the chance that the judge
 ever rolls back a canary at least as good as live, or ever promotes one worse than live by more than the
 margin, is at most alpha, however often it looks. Either test's rollback rolls back (a refusal with the
-test's figures as its reason, actor ``canary``); otherwise either test's promotion promotes. A canary
-undecided after THUMBTUNE_CANARY_MAX_WAIT_S stays the canary and says so (``expired``), and a newer checked
-version may then take its place. Decisions go on thumbtune.control (`ControlPlane.propose`): every replica
-judges, the first record wins, and the others are ignored when applied.
+test's figures as its reason, actor ``canary``); otherwise either test's promotion promotes.
+
+Versions arrive faster than a canary can be judged (the learner writes one per 32 ratings; at a 10% share
+the canary gets ~3 of them, and even a canary twice as liked as live needs ~25 to be promoted). Newer
+checked versions wait for the slot (`AdapterManager.waiting`), and the newest of them replaces a canary
+that is still undecided after THUMBTUNE_CANARY_REPLACE_AFTER ratings of its answers (``exhausted``: the
+test could not tell it from live, and the waiting one has learnt more) or after THUMBTUNE_CANARY_MAX_WAIT_S
+(``expired``). The test then starts afresh on the new candidate: evidence about one version is never
+counted for another. With no newer version waiting, an undecided canary stays and says so.
+
+Decisions go on thumbtune.control (`ControlPlane.propose`): every replica judges, the first record wins, and
+the others are ignored when applied.
 """
 
 from __future__ import annotations
@@ -65,6 +73,14 @@ class Judgement:
     verdict: Verdict
     reason: str
     expired: bool
+    """Undecided after THUMBTUNE_CANARY_MAX_WAIT_S."""
+    exhausted: bool
+    """Undecided after THUMBTUNE_CANARY_REPLACE_AFTER ratings of the canary's answers."""
+
+    @property
+    def replaceable(self) -> bool:
+        """A newer checked version may take the slot."""
+        return self.expired or self.exhausted
 
 
 def judge(
@@ -92,10 +108,19 @@ def judge(
             break
     else:
         reason = "; ".join(t.reason for t in tests)
-    expired = verdict is Verdict.undecided and now - since > settings.canary_max_wait_s
+    undecided = verdict is Verdict.undecided
+    expired = undecided and now - since > settings.canary_max_wait_s
+    exhausted = undecided and mine.ratings >= settings.canary_replace_after
     if expired:
         reason = f"still undecided after {now - since:.0f} s (THUMBTUNE_CANARY_MAX_WAIT_S): {reason}"
-    return Judgement(canary, live, since, mine, theirs, h2h, approval, comparison, verdict, reason, expired)
+    elif exhausted:
+        reason = (
+            f"still undecided after {mine.ratings} ratings of its answers "
+            f"(THUMBTUNE_CANARY_REPLACE_AFTER {settings.canary_replace_after}): {reason}"
+        )
+    return Judgement(
+        canary, live, since, mine, theirs, h2h, approval, comparison, verdict, reason, expired, exhausted
+    )
 
 
 def elo_ratings(comparisons: list[Comparison], anchor: str) -> dict[str, tuple[float, float, float]]:
@@ -136,6 +161,8 @@ class CanaryJudge:
         """Whether the tallies are complete enough to judge on (the feedback topic read to its end)."""
         self.last: Judgement | None = None
         self._proposed: set[tuple[str, Verdict]] = set()
+        self._replacements: set[str] = set()
+        """Versions this replica proposed to replace an undecided canary (once each)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -174,7 +201,8 @@ class CanaryJudge:
                 metrics.VERSION_ELO.labels(version, bound).set(value)
 
     def step(self, now: float | None = None) -> Judgement | None:
-        """Judge the canary once; propose its promotion or rollback when a test decides."""
+        """Judge the canary once; propose its promotion or rollback when a test decides, or its replacement
+        by the newest waiting version when it is undecided past its ratings or its time."""
         canary, since, live = self.manager.canary, self.manager.canary_since, self.manager.live
         if canary is None or since is None or not self.ready():
             self.last = None
@@ -194,4 +222,11 @@ class CanaryJudge:
             action = ControlAction.promote if judgement.verdict is Verdict.promote else ControlAction.refuse
             log.warning("canary %s: %s (%s)", canary, judgement.verdict.value, judgement.reason)
             self.propose(action, canary, judgement.reason, actor="canary")
+        waiting = self.manager.waiting
+        if judgement.replaceable and waiting is not None and waiting not in self._replacements:
+            self._replacements.add(waiting)
+            log.warning("canary %s gives way to %s (%s)", canary, waiting, judgement.reason)
+            self.propose(
+                ControlAction.canary, waiting, f"replaces {canary}, {judgement.reason}", actor="canary"
+            )
         return judgement

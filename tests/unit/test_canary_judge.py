@@ -3,11 +3,14 @@ window since the canary started, and an expired canary that says so."""
 
 from __future__ import annotations
 
-from service.canary.judge import judge
+import threading
+from types import SimpleNamespace
+
+from service.canary.judge import CanaryJudge, judge
 from service.canary.ratings import BUCKET_S, VersionRatings
 from service.canary.sequential import Verdict, decide_approval
 from tests.unit.test_canary_ratings import event, thumb
-from thumbtune.core.contract import FeedbackKind
+from thumbtune.core.contract import ControlAction, FeedbackKind
 from thumbtune.core.settings import Settings
 
 SETTINGS = Settings(canary_alpha=0.05, canary_margin=0.05, canary_max_wait_s=600)
@@ -74,3 +77,39 @@ def test_head_to_head_losses_roll_back() -> None:
         result.comparison.verdict is Verdict.rollback
     )  # (a choice's answers are ratings too: so does approval)
     assert result.verdict is Verdict.rollback and "won 5 of 60 comparisons" in result.reason
+
+
+def test_a_canary_undecided_after_its_ratings_gives_way_to_the_newest_waiting_version() -> None:
+    """Versions arrive faster than a canary can be judged: one the test cannot tell from live, after
+    THUMBTUNE_CANARY_REPLACE_AFTER ratings of its answers, is replaced by the newest waiting version, once."""
+    settings = SETTINGS.model_copy(update={"canary_replace_after": 40})
+    early = judge(tallies(20, 19, 200, 200), "v2", "v1", SINCE, settings, now=SINCE + 60)
+    assert early.verdict is Verdict.undecided and not early.replaceable
+    even = judge(tallies(20, 20, 200, 200), "v2", "v1", SINCE, settings, now=SINCE + 60)
+    assert even.exhausted and not even.expired and even.replaceable
+    assert even.reason.startswith("still undecided after 40 ratings of its answers (THUMBTUNE_CANARY_REPLACE")
+    decided = judge(tallies(5, 45, 40, 10), "v2", "v1", SINCE, settings, now=SINCE + 60)
+    assert decided.verdict is Verdict.rollback and not decided.replaceable  # a decision is never replaced
+
+    proposed: list[tuple] = []
+    manager = SimpleNamespace(canary="v2", canary_since=SINCE, live="v1", waiting=None)
+    judge_ = CanaryJudge(
+        settings,
+        manager,  # type: ignore[arg-type]
+        tallies(20, 20, 200, 200),
+        threading.Lock(),
+        lambda *args, **kwargs: proposed.append((*args, kwargs)),
+        ready=lambda: True,
+    )
+    judge_.step(now=SINCE + 60)
+    assert proposed == []  # nothing newer to give way to: it stays, and says so
+    manager.waiting = "v7"
+    judge_.step(now=SINCE + 61)
+    judge_.step(now=SINCE + 62)  # proposed once; the log's first record decides
+    assert [(p[0], p[1], p[3]) for p in proposed] == [(ControlAction.canary, "v7", {"actor": "canary"})]
+    assert proposed[0][2].startswith("replaces v2, still undecided after 40 ratings")
+
+
+def test_a_canary_past_its_time_gives_way_too() -> None:
+    expired = judge(tallies(2, 2, 20, 20), "v2", "v1", SINCE, SETTINGS, now=SINCE + 601)
+    assert expired.expired and not expired.exhausted and expired.replaceable

@@ -12,7 +12,7 @@ import torch
 
 import learner.trainer
 from learner.average import lora_parameters
-from learner.control import SUMMARY_CHARS, ControlFollower, Refusals
+from learner.control import SUMMARY_CHARS, ControlFollower, Refusals, Serving, parse
 from learner.metrics import REGISTRY
 from learner.trainer import Learner
 from tests.support.learner import make_prompts, sample_events, tiny_learner
@@ -80,6 +80,26 @@ def test_refusals_and_rollbacks_are_folded_in_and_everything_else_is_ignored(
     )
     again = Refusals.from_manifest(manifest)  # what a restarted learner knows before it reads the log
     assert again.summary() == summary and again.get("v2").actor == "checks"
+
+
+def test_what_each_replica_serves_is_its_newest_receipt() -> None:
+    serving = Serving()
+    assert serving.versions() == frozenset()
+
+    def ack(replica: str, live: str, leaving: bool = False) -> ControlAck:
+        return ControlAck(record_id=None, replica=replica, applied=True, live=live, leaving=leaving, at=1.0)
+
+    for record in [
+        ack("r1", "v0"),
+        parse(decision(ControlAction.promote, "v5", actor="canary"), "here"),  # decisions say nothing of it
+        ack("r2", "v3"),
+        ack("r1", "v5"),
+        None,  # a malformed record, as `parse` returns it
+    ]:
+        serving.take(record)
+    assert serving.versions() == frozenset({"v3", "v5"})
+    serving.take(ack("r2", "v3", leaving=True))
+    assert serving.versions() == frozenset({"v5"})
 
 
 def test_an_unreachable_control_log_never_holds_the_learner_up() -> None:

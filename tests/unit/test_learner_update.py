@@ -20,6 +20,7 @@ from learner.ppo import masked_mean
 from learner.trainer import Learner
 from learner.update import LearnerState, importance_weights, ppo_update
 from tests.support.learner import make_event, make_prompts, sample_events, tiny_base
+from thumbtune.core.contract import ControlAck
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
 
@@ -319,3 +320,23 @@ def test_staleness_counts_versions_and_base_is_v0(learner: Learner) -> None:
     served_by_base = event.model_copy(update={"adapter_version": "base"})
     assert learner.drop_stale([event, served_by_base]) == [served_by_base]  # the learner is at v0
     assert learner.skips.total == {"future_version": 1}
+
+
+def test_ratings_of_a_live_version_are_never_stale_however_far_the_learner_is_ahead(learner: Learner) -> None:
+    """Canaries may hold live many versions behind the learner; its answers are most of the ratings."""
+    event = make_event(learner.base, [1], [2], [-1.0], reward=1.0, adapter_version="v2")
+    served_by_base = event.model_copy(update={"adapter_version": "base"})
+    assert stale_reason(event, "v40", 4, serving=frozenset({"v2"})) is None
+    assert stale_reason(served_by_base, "v40", 4, serving=frozenset({"v0"})) is None  # base is v0
+    assert stale_reason(event, "v40", 4, serving=frozenset({"v3"})).startswith("stale:")
+    assert stale_reason(event, "v1", 4, serving=frozenset({"v2"})).startswith("future_version:")
+
+    learner.newest = "v9"  # as if nine versions were written since
+    ack = ControlAck(record_id=None, replica="r1", applied=True, live="v2", at=1.0)
+    assert learner.drop_stale([event, served_by_base]) == []
+    learner.serving.take(ack)
+    assert learner.drop_stale([event, served_by_base]) == [event]
+    assert learner.stale_reason(served_by_base, 1).startswith("stale:")
+    learner.serving.take(ack.model_copy(update={"leaving": True}))  # the replica left: v2 serves nowhere
+    assert learner.drop_stale([event]) == []
+    assert learner.skips.total == {"stale": 4}

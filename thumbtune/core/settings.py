@@ -166,6 +166,13 @@ class Settings(BaseSettings):
         description="A canary still undecided after this long says so, and a newer checked version may "
         "replace it.",
     )
+    canary_replace_after: int = Field(
+        30,
+        ge=1,
+        description="A canary still undecided after this many ratings of its answers is replaced by the "
+        "newest checked version waiting, if there is one (its test starts afresh): a canary the test cannot "
+        "tell from live gives way to one that has learnt more.",
+    )
     adapter_max_kl_live: float = Field(
         0.5,
         ge=0,
