@@ -128,7 +128,7 @@ class LearnerSettings(PPOConfig, BaseSettings):
         4,
         ge=0,
         description="Drop events served by an adapter over this many versions behind the learner, unless a "
-        "replica still serves it as live.",
+        "replica still serves it (live or canary).",
     )
 
     # --- the reward model (learner/reward_model.py) ------------------------------------------------------

@@ -11,9 +11,10 @@ Every other decision and every malformed record is ignored (the last logged). v0
 never refused: it is where the learner falls back to when everything above it was.
 
 The replicas' receipts (`ControlAck`: after every decision a replica applies, when it joins, and whenever
-its live version changes) say what each replica serves as live; `Serving` keeps the newest per replica. Ratings of answers a live
-version gave are never dropped as stale (learner/events.py): with canaries the live version may stay many
-versions behind the learner while a canary is judged, and its ratings are most of what users give.
+its live version changes) say what each replica serves, live and canary; `Serving` keeps the newest per
+replica. Ratings of answers a version still serving gave are never dropped as stale (learner/events.py):
+with canaries the live version may stay many versions behind the learner while a canary is judged, and its
+ratings are most of what users give; the canary's are the freshest evidence there is.
 
 Before each update (`Learner.train`, `Learner.refine`) the learner asks whether its head (the version its
 weights are, the next version's parent) is refused; if it is, it restores the newest version in the store
@@ -107,7 +108,8 @@ def parse(value: bytes | None, where: str) -> ControlRecord | ControlAck | None:
 
 
 class Serving:
-    """The live version of every replica that has said so on the log and not left (its newest receipt).
+    """The live version and the canary of every replica that has said so on the log and not left (its
+    newest receipt).
 
     A replica that crashed without saying goodbye stays until it comes back under its name; its version
     then only keeps exempting ratings that version gave, which still carry their importance weights.
@@ -115,21 +117,21 @@ class Serving:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._live: dict[str, str] = {}
+        self._serves: dict[str, frozenset[str]] = {}
 
     def take(self, record: ControlRecord | ControlAck | None) -> None:
         if not isinstance(record, ControlAck):
             return
         with self._lock:
             if record.leaving:
-                self._live.pop(record.replica, None)
+                self._serves.pop(record.replica, None)
             else:
-                self._live[record.replica] = record.live
+                self._serves[record.replica] = frozenset({record.live} | ({record.canary} - {None}))
 
     def versions(self) -> frozenset[str]:
-        """The versions some replica serves as live now (none known: empty)."""
+        """The versions some replica serves now, live or canary (none known: empty)."""
         with self._lock:
-            return frozenset(self._live.values())
+            return frozenset().union(*self._serves.values())
 
 
 class Refusals:

@@ -9,11 +9,11 @@ Staleness is counted in versions. An event served by ``v<k>`` while the learner'
 what v0 computes, so it counts as v0. Events more than ``max_staleness`` versions stale are
 dropped: the truncated importance weights (learner/ppo.py) already damp the stale ones, but an
 event sampled many versions ago mostly carries tokens the policy has moved away from, so it adds
-bias and little signal. Except the ratings of a version the cluster serves as live (``serving``, from
-the replicas' receipts on thumbtune.control: learner/control.py `Serving`): they are what users are
-given now, and while canaries hold the live version back (service/canary/judge.py) they are most of the
-ratings there are. Dropping them would leave the learner nothing to learn from but the canary's share;
-their importance weights, truncated, stay.
+bias and little signal. Except the ratings of a version the cluster still serves, live or canary
+(``serving``, from the replicas' receipts on thumbtune.control: learner/control.py `Serving`): they are
+what users are given now, and while canaries hold the live version back (service/canary/judge.py) they
+are most of the ratings there are. Dropping them would leave the learner little to learn from; their
+importance weights, truncated, stay.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def stale_reason(
     event: FeedbackEvent, current_version: str, max_staleness: int, serving: frozenset[str] = frozenset()
 ) -> str | None:
     """None if ``event`` is fresh enough to train ``current_version`` on (or was served by a version in
-    ``serving``, the live ones), else the reason to drop it."""
+    ``serving``, those still serving), else the reason to drop it."""
     lag = staleness(event, current_version)
     live = served_version_number(event.adapter_version) in {version_number(v) for v in serving}
     if lag > max_staleness and not live:

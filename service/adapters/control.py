@@ -274,6 +274,7 @@ class ControlPlane(TopicFollower):
             replica=self.replica,
             applied=applied,
             live=self.manager.live,
+            canary=self.manager.canary,
             error=error,
             leaving=leaving,
             at=time.time(),

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from learner.announce import Announcer, announcement_for
+from learner.control import Serving
 from service.canary.assignment import serves_canary
 from tests.support import wait_for
 from tests.support.adapters import VersionWriter
 from tests.support.kafka import read_topic
 from thumbtune.cli.broker import EmbeddedBroker
-from thumbtune.core.contract import CONTROL_TOPIC, ControlRecord, parse_control
+from thumbtune.core.contract import CONTROL_TOPIC, ControlAck, ControlRecord, parse_control
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
 
@@ -195,6 +196,13 @@ def test_a_canary_serves_a_sticky_share_and_users_ratings_roll_it_back_or_promot
         ("canary", "v3", "canary"),
         ("promote", "v3", "canary"),
     ]
+    # the receipts say what the replica served after each step: what the learner keeps training on
+    receipts = [(a.live, a.canary) for a in decisions if isinstance(a, ControlAck) and a.record_id]
+    assert ("v1", "v2") in receipts and ("v1", "v3") in receipts and receipts[-1] == ("v3", None)
+    serving = Serving()
+    for record in decisions:
+        serving.take(record)
+    assert serving.versions() == {"v3"}
     client.__exit__(None, None, None)
     client = server()
     body = adapters(client)

@@ -86,18 +86,20 @@ def test_what_each_replica_serves_is_its_newest_receipt() -> None:
     serving = Serving()
     assert serving.versions() == frozenset()
 
-    def ack(replica: str, live: str, leaving: bool = False) -> ControlAck:
-        return ControlAck(record_id=None, replica=replica, applied=True, live=live, leaving=leaving, at=1.0)
+    def ack(replica: str, live: str, canary: str | None = None, leaving: bool = False) -> ControlAck:
+        return ControlAck(
+            record_id=None, replica=replica, applied=True, live=live, canary=canary, leaving=leaving, at=1.0
+        )
 
     for record in [
         ack("r1", "v0"),
         parse(decision(ControlAction.promote, "v5", actor="canary"), "here"),  # decisions say nothing of it
-        ack("r2", "v3"),
+        ack("r2", "v3", canary="v6"),
         ack("r1", "v5"),
         None,  # a malformed record, as `parse` returns it
     ]:
         serving.take(record)
-    assert serving.versions() == frozenset({"v3", "v5"})
+    assert serving.versions() == frozenset({"v3", "v5", "v6"})
     serving.take(ack("r2", "v3", leaving=True))
     assert serving.versions() == frozenset({"v5"})
 

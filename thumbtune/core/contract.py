@@ -334,6 +334,7 @@ class ControlAck(BaseModel):
     replica: str
     applied: bool = Field(description="Applied as decided; False: ``error`` says why not.")
     live: str = Field(description="The replica's live version after applying it.")
+    canary: str | None = Field(default=None, description="The replica's canary then, if it has one.")
     error: str | None = None
     leaving: bool = Field(default=False, description="The replica is shutting down.")
     at: float
