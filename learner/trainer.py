@@ -116,9 +116,7 @@ class Learner:
         self.refusals = Refusals.from_manifest(self.store.read_manifest(latest) if latest else None)
         """Versions not to train on from (learner/control.py): the newest manifest's, and thumbtune.control's
         once a `ControlFollower` folds it in."""
-        self.serving = Serving()
-        """What the replicas serve, live and canary (learner/control.py): their ratings are never dropped as
-        stale."""
+        self.serving = Serving()  # what the replicas serve (learner/control.py): never stale
         self._restored: Refusal | None = None
         """The refused head the weights were restored from since the last version written."""
         self.max_length: int | None = getattr(self.base.model.config, "max_position_embeddings", None)
@@ -154,8 +152,7 @@ class Learner:
         return stale_reason(event, self.newest, limit, self.serving.versions())
 
     def drop_stale(self, events: list[FeedbackEvent]) -> list[FeedbackEvent]:
-        """The events within max_staleness versions of the current weights, or served by a version still
-        serving (the rest: counted, logged)."""
+        """The events `stale_reason` keeps (the rest: counted, logged)."""
         kept = []
         for event in events:
             reason = self.stale_reason(event)
