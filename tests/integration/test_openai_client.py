@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent
+from tests.support.kafka import feedback_events
 
 
 def test_openai_client_non_streaming_and_rating(live_server_factory) -> None:  # noqa: ANN001
@@ -64,9 +64,7 @@ def test_openai_client_errors_surface_as_openai_exceptions(live_server_factory) 
 
 @pytest.mark.slow
 @pytest.mark.broker
-def test_real_model_chats_and_its_rating_lands_on_the_broker(
-    live_server_factory, broker, consume_all
-) -> None:  # noqa: ANN001
+def test_real_model_chats_and_its_rating_lands_on_the_broker(live_server_factory, broker) -> None:  # noqa: ANN001
     """The embedded SmolLM2 answers sensibly and a thumb arrives on Kafka with aligned tokens."""
     from tests.support import USER_CACHE
 
@@ -87,10 +85,8 @@ def test_real_model_chats_and_its_rating_lands_on_the_broker(
         ).status_code
         == 202
     )
-    records = consume_all(broker.bootstrap, FEEDBACK_TOPIC, expected=None, timeout=10)
-    (event,) = [
-        e for e in map(lambda r: FeedbackEvent.from_bytes(r.value), records) if e.response_id == completion.id
-    ]
+    # the 202 comes before the producer has sent it: flush the server's publisher, then read the topic
+    event = feedback_events(server.runtime.publisher, broker.bootstrap, {completion.id}, 1)[completion.id]
     assert event.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert len(event.response_token_ids) == completion.usage.completion_tokens
     assert event.response_token_ids[-1] == 2  # <|im_end|>: stopping is part of what the learner sees

@@ -21,9 +21,9 @@ from service.engine.vllm import VERSION_PREFIX
 from tests.conftest import LiveServer
 from tests.support import USER_CACHE, wait_for
 from tests.support.adapters import VersionWriter
+from tests.support.kafka import feedback_events
 from thumbtune.cli.process import ChildProcess, free_port
 from thumbtune.cli.vllm import VLLMNotInstalled, vllm_command, vllm_python
-from thumbtune.core.contract import FEEDBACK_TOPIC, FeedbackEvent
 from thumbtune.core.settings import Settings
 from thumbtune.core.store import LocalAdapterStore
 
@@ -163,7 +163,7 @@ def test_chat_and_streaming_through_vllm_with_the_openai_client(server: LiveServ
     assert len(stopped.choices[0].message.content) < len(text)
 
 
-def test_a_rated_answer_carries_vllms_token_ids_and_logprobs(server: LiveServer, broker, consume_all) -> None:
+def test_a_rated_answer_carries_vllms_token_ids_and_logprobs(server: LiveServer, broker) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     completion = client.chat.completions.create(
         model="thumbtune",
@@ -174,13 +174,8 @@ def test_a_rated_answer_carries_vllms_token_ids_and_logprobs(server: LiveServer,
     )
     rated = httpx.post(f"{server.url}/v1/feedback", json={"response_id": completion.id, "thumb": "up"})
     assert rated.status_code == 202, rated.text
-    events = [
-        FeedbackEvent.from_bytes(r.value)
-        for r in consume_all(broker.bootstrap, FEEDBACK_TOPIC, None, timeout=30)
-        if r.key == completion.id.encode()
-    ]
-    assert len(events) == 1
-    event = events[0]
+    # the 202 comes before the producer has sent it: flush the server's publisher, then read the topic
+    event = feedback_events(server.runtime.publisher, broker.bootstrap, {completion.id}, 1)[completion.id]
     assert event.engine == "vllm" and event.adapter_version == "v0"
     assert len(event.response_token_ids) == completion.usage.completion_tokens
     assert server.runtime.tokenizer.decode(event.response_token_ids, skip_special_tokens=True).startswith(
