@@ -8,6 +8,7 @@ Nothing here downloads unless ``THUMBTUNE_ALLOW_DOWNLOAD`` is set.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -63,7 +64,7 @@ def embedded_cache_dir(settings: Settings) -> Path:
 def resolve(settings: Settings) -> ResolvedModel:
     if settings.model == EMBEDDED_MODEL:
         cached = embedded_cache_dir(settings)
-        if (cached / "config.json").is_file() and (cached / FINGERPRINT_FILE).is_file():
+        if _built(cached):
             return ResolvedModel(EMBEDDED_ID, str(cached), "embedded-cache")
         return ResolvedModel(EMBEDDED_ID, str(embedded_gguf_path()), "embedded-gguf")
     if Path(settings.model).expanduser().is_dir():
@@ -72,14 +73,32 @@ def resolve(settings: Settings) -> ResolvedModel:
     return ResolvedModel(settings.model, settings.model, "hub-cache")
 
 
+def _built(cached: Path) -> bool:
+    """The embedded cache is complete (the fingerprint is written last, before the atomic rename)."""
+    return (cached / "config.json").is_file() and (cached / FINGERPRINT_FILE).is_file()
+
+
 def _model_id_of(path: str) -> str:
     config = json.loads((Path(path) / "config.json").read_text())
     return config.get("_name_or_path") or Path(path).name
 
 
 def build_embedded_cache(settings: Settings) -> Path:
-    """Dequantize the embedded GGUF once and save safetensors + tokenizer (atomic rename)."""
+    """Dequantize the embedded GGUF once and save safetensors + tokenizer (atomic rename).
+
+    Processes sharing a cache dir (replicas, a benchmark's workers) may all find it unbuilt at once: each
+    takes an exclusive flock on ``<target>.lock`` first, and a process that gets it after another has built
+    the cache reads that one instead of replacing it under its readers."""
     target = embedded_cache_dir(settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if _built(target):
+            return target
+        return _dequantize_into(target)
+
+
+def _dequantize_into(target: Path) -> Path:
     gguf = embedded_gguf_path()
     log.info("dequantizing %s into %s (first use only, ~20 s)", gguf.name, target)
     kwargs = {"gguf_file": gguf.name}
@@ -96,7 +115,6 @@ def build_embedded_cache(settings: Settings) -> Path:
     plain.tie_weights()
     plain.generation_config = gguf_model.generation_config
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
