@@ -40,7 +40,6 @@ from learner import metrics
 from learner.announce import Announcer, announce_latest_if_missing, announcement_for, retrying
 from learner.config import LearnerSettings
 from learner.control import ControlFollower
-from learner.events import reason_code
 from learner.progress import Progress
 from learner.trainer import Learner
 from thumbtune.core.contract import FEEDBACK_TOPIC, LEARNER_GROUP, FeedbackEvent
@@ -247,7 +246,7 @@ class KafkaLearner:
         return (
             self._due()
             or len(self.pending) + (self.lag or 0) >= ls.batch_size
-            or any(reason_code(self.learner.stale_reason(e, 1) or "") == "stale" for e in self.pending)
+            or any(self.learner.is_stale(e, 1) for e in self.pending)
         )
 
     def _consume(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:

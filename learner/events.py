@@ -97,14 +97,22 @@ def staleness(event: FeedbackEvent, current_version: str) -> int:
     return version_number(current_version) - served_version_number(event.adapter_version)
 
 
+def is_stale(
+    event: FeedbackEvent, current_version: str, max_staleness: int, serving: frozenset[str] = frozenset()
+) -> bool:
+    """``event`` is more than ``max_staleness`` versions behind ``current_version`` and was served by none
+    of the versions in ``serving`` (those some replica still serves, live or canary: never stale)."""
+    still_serving = served_version_number(event.adapter_version) in {version_number(v) for v in serving}
+    return staleness(event, current_version) > max_staleness and not still_serving
+
+
 def stale_reason(
     event: FeedbackEvent, current_version: str, max_staleness: int, serving: frozenset[str] = frozenset()
 ) -> str | None:
-    """None if ``event`` is fresh enough to train ``current_version`` on (or was served by a version in
-    ``serving``, those still serving), else the reason to drop it."""
+    """None if ``event`` is fine to train ``current_version`` on, else the reason to drop it: stale
+    (`is_stale`), or served by a version the learner has not written yet."""
     lag = staleness(event, current_version)
-    live = served_version_number(event.adapter_version) in {version_number(v) for v in serving}
-    if lag > max_staleness and not live:
+    if is_stale(event, current_version, max_staleness, serving):
         return (
             f"stale: served by {event.adapter_version}, {lag} versions behind {current_version} "
             f"(max_staleness {max_staleness})"

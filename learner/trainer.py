@@ -43,7 +43,7 @@ from learner.checkpoint import load_latest, restore_version, save_version, train
 from learner.config import LearnerSettings
 from learner.control import Refusal, Refusals, Serving, restored
 from learner.distributed import SINGLE, DataParallel
-from learner.events import SkipCounter, parse_event, stale_reason, validate_event
+from learner.events import SkipCounter, is_stale, parse_event, stale_reason, validate_event
 from learner.policy import Batch, Sample, features
 from learner.ptx import PTX_TEXT, PretrainingMix
 from learner.raters import limit
@@ -146,16 +146,16 @@ class Learner:
         self.admitted.add(event.event_id)
         return event
 
-    def stale_reason(self, event: FeedbackEvent, versions_ahead: int = 0) -> str | None:
-        """Why ``event`` is too stale to train on ``versions_ahead`` versions from now; None if it is not."""
+    def is_stale(self, event: FeedbackEvent, versions_ahead: int = 0) -> bool:
+        """``event`` is too stale to train on ``versions_ahead`` versions from now (`events.is_stale`)."""
         limit = self.learner_settings.max_staleness - versions_ahead
-        return stale_reason(event, self.newest, limit, self.serving.versions())
+        return is_stale(event, self.newest, limit, self.serving.versions())
 
     def drop_stale(self, events: list[FeedbackEvent]) -> list[FeedbackEvent]:
         """The events `stale_reason` keeps (the rest: counted, logged)."""
-        kept = []
+        kept, limit = [], self.learner_settings.max_staleness
         for event in events:
-            reason = self.stale_reason(event)
+            reason = stale_reason(event, self.newest, limit, self.serving.versions())
             if reason is None:
                 kept.append(event)
             else:
