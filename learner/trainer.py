@@ -148,14 +148,14 @@ class Learner:
 
     def is_stale(self, event: FeedbackEvent, versions_ahead: int = 0) -> bool:
         """``event`` is too stale to train on ``versions_ahead`` versions from now (`events.is_stale`)."""
-        limit = self.learner_settings.max_staleness - versions_ahead
-        return is_stale(event, self.newest, limit, self.serving.versions())
+        max_lag = self.learner_settings.max_staleness - versions_ahead
+        return is_stale(event, self.newest, max_lag, self.serving.versions())
 
     def drop_stale(self, events: list[FeedbackEvent]) -> list[FeedbackEvent]:
         """The events `stale_reason` keeps (the rest: counted, logged)."""
-        kept, limit = [], self.learner_settings.max_staleness
+        kept, max_lag = [], self.learner_settings.max_staleness
         for event in events:
-            reason = stale_reason(event, self.newest, limit, self.serving.versions())
+            reason = stale_reason(event, self.newest, max_lag, self.serving.versions())
             if reason is None:
                 kept.append(event)
             else:
