@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.canary.judge import judge
@@ -41,6 +42,16 @@ THUMB_FRACTION = 0.57
 RATINGS_PER_S = 0.47
 """The drill's traffic: its 4 thumb and 4 compare users send ~1.3 thumb requests per compare request, and
 on this machine ~0.47 ratings a second (the first drill: 117 ratings in 247 s)."""
+Decide = Callable[[VersionRatings, str, str, float, Settings, float], Verdict]
+"""(tallies, canary, live, canary's start, settings, now) -> verdict: the product's `judge`, or a bound's."""
+
+
+def product_judge(
+    ratings: VersionRatings, canary: str, live: str, since: float, settings: Settings, now: float
+) -> Verdict:
+    return judge(ratings, canary, live, since, settings, now).verdict
+
+
 START = 1_000_020.0
 """Simulated clock at the first rating (any time: the tallies bucket by minute)."""
 
@@ -120,7 +131,14 @@ class Stream:
 
 
 def canary_run(
-    stream: Stream, live: str, canary: str, rates: dict[str, float], start: float, per_s: float, most: int
+    stream: Stream,
+    live: str,
+    canary: str,
+    rates: dict[str, float],
+    start: float,
+    per_s: float,
+    most: int,
+    decide: Decide = product_judge,
 ) -> tuple[str, int, float, float]:
     """``canary`` against ``live`` from ``start`` until a verdict: (verdict, ratings, canary share, end)."""
     registry = _Registry(live, canary, stream.settings.canary_share)
@@ -132,7 +150,7 @@ def canary_run(
             given[version] += count
         if now - looked >= 1.0:  # the judge's interval
             looked = now
-            verdict = judge(stream.ratings, canary, live, start, stream.settings, now).verdict
+            verdict = decide(stream.ratings, canary, live, start, stream.settings, now)
             if verdict is not Verdict.undecided:
                 return verdict.value, rating, given[canary] / sum(given.values()), now
     return "undecided", most, given[canary] / sum(given.values()), now
@@ -147,14 +165,17 @@ def replay(
     ratings_per_s: float = RATINGS_PER_S,
     population: int = 1000,
     max_ratings: int = 1000,
+    decide: Callable[[dict[str, float]], Decide] | None = None,
 ) -> list[Outcome]:
-    """One drill: the good version against the base, then the bad one against whatever is live."""
+    """One drill: the good version against the base, then the bad one against whatever is live. ``decide``
+    makes the decision rule from the versions' approval rates (default: the product's judge)."""
     stream = Stream(random.Random(seed), settings, thumb_fraction, population)
     rates = {"v0": approval["base"], "v1": approval["good"], "v2": approval["bad"]}
+    rule = product_judge if decide is None else decide(rates)
     outcomes, live, now = [], "v0", START
     for role, version in (("good", "v1"), ("bad", "v2")):
         verdict, ratings, share, now = canary_run(
-            stream, live, version, rates, now, ratings_per_s, max_ratings
+            stream, live, version, rates, now, ratings_per_s, max_ratings, rule
         )
         outcomes.append(Outcome(role, verdict, ratings, share))
         if verdict == "promote":
@@ -166,8 +187,24 @@ EXPECTED = {"good": "promote", "bad": "rollback"}
 WRONG = {"good": "rollback", "bad": "promote"}
 
 
+WITHIN_RATINGS, MAX_BAD_SHARE = 200, 0.05
+"""Issue 14's target for the drill: each decision within 200 ratings, the bad version <= 5% of answers."""
+
+
+def met(outcome: Outcome) -> bool:
+    """The right decision within WITHIN_RATINGS, and a bad version at most MAX_BAD_SHARE of the answers."""
+    small = outcome.role != "bad" or outcome.canary_share_of_answers <= MAX_BAD_SHARE
+    return outcome.verdict == EXPECTED[outcome.role] and outcome.ratings <= WITHIN_RATINGS and small
+
+
+def met_target(run: list[Outcome]) -> bool:
+    """Both decisions met (`met`): the drill's target for one repetition."""
+    return all(met(o) for o in run)
+
+
 def summary(runs: list[list[Outcome]]) -> list[str]:
-    """Per role: right, wrong and undecided counts; ratings to the right decision; the canary's share."""
+    """Per role: right, wrong and undecided counts; ratings to the right decision; the canary's share. Then
+    how many drills met the whole target, and so the chance of 20 in a row."""
     lines = []
     for role in ("good", "bad"):
         mine = [o for run in runs for o in run if o.role == role]
@@ -180,8 +217,14 @@ def summary(runs: list[list[Outcome]]) -> list[str]:
             f"{role}: {len(right)}/{len(mine)} {EXPECTED[role]}, {wrong} wrong, "
             f"{len(mine) - len(right) - wrong} undecided; ratings to it median {_q(ratings, 0.5)}, "
             f"90th percentile {_q(ratings, 0.9)}, within 200: {within}/{len(mine)}; the canary's share of "
-            f"answers median {_q(shares, 0.5, '.1%')}, 90th percentile {_q(shares, 0.9, '.1%')}"
+            f"answers median {_q(shares, 0.5, '.1%')}, 90th percentile {_q(shares, 0.9, '.1%')}; "
+            f"meeting its target: {sum(met(o) for o in mine)}/{len(mine)}"
         )
+    rate = sum(met_target(run) for run in runs) / len(runs)
+    lines.append(
+        f"drills meeting the target (both right, each within {WITHIN_RATINGS} ratings, the bad version "
+        f"<= {MAX_BAD_SHARE:.0%} of answers while canary): {rate:.1%}; 20 of 20 in a row: {rate**20:.1%}"
+    )
     return lines
 
 
@@ -204,11 +247,13 @@ def run(
     ratings_per_s: float = RATINGS_PER_S,
     population: int = 1000,
     max_ratings: int = 1000,
+    decide: Callable[[dict[str, float]], Decide] | None = None,
+    label: str = "the product's judge",
 ) -> list[list[Outcome]]:
     """``seeds`` replays of the drill; prints the summary."""
     settings = Settings(canary_share=canary_share, canary_compare_share=compare_share)
     print(
-        f"[bench canary-replay] {seeds} seeds, canary share {canary_share:g}, "
+        f"[bench canary-replay] {label}, {seeds} seeds, canary share {canary_share:g}, "
         f"compare share {compare_share:g}, "
         f"alpha {settings.canary_alpha:g}, margin {settings.canary_margin:g}; approval "
         + ", ".join(f"{k} {v:.1%}" for k, v in approval.items())
@@ -224,6 +269,7 @@ def run(
             ratings_per_s=ratings_per_s,
             population=population,
             max_ratings=max_ratings,
+            decide=decide,
         )
         for seed in range(first_seed, first_seed + seeds)
     ]

@@ -317,11 +317,20 @@ def bench_canary_replay(
         0.47, min=0.001, help="Ratings per second (the judge looks each second)."
     ),
     max_ratings: int = typer.Option(1000, min=1, help="Ratings after which a canary counts as undecided."),
+    oracle: bool = typer.Option(
+        False,
+        "--oracle",
+        help="Decide by Wald's SPRT told every version's approval rate instead of the judge: the floor no "
+        "test with the judge's error rates can go much below (benchmarks/canary_bound.py).",
+    ),
 ) -> None:
     """The drill's decisions through the product's judge on synthetic ratings: error rates over many seeds."""
-    from benchmarks.canary_replay import run  # lazy: start-up time, for every `thumbtune` command
+    from benchmarks.canary_bound import oracle as sprt  # lazy: start-up time, for every `thumbtune` command
+    from benchmarks.canary_replay import run
 
     run(
+        decide=sprt if oracle else None,
+        label="Wald's SPRT told the rates (--oracle)" if oracle else "the product's judge",
         seeds=seeds,
         first_seed=first_seed,
         canary_share=canary_share,

@@ -3,9 +3,13 @@ synthetic ratings. Its error rates under continuous monitoring, end to end, and 
 
 from __future__ import annotations
 
+import math
 import random
 
-from benchmarks.canary_replay import Stream, canary_run, replay, summary
+import pytest
+
+from benchmarks.canary_bound import log_likelihood_ratio, oracle, win_probability
+from benchmarks.canary_replay import Outcome, Stream, canary_run, met_target, replay, summary
 from service.serving_models import ServingModels
 from thumbtune.core.settings import Settings
 
@@ -55,3 +59,46 @@ def test_a_choice_between_two_versions_is_a_head_to_head_and_a_thumb_an_approval
     canary, live = stream.ratings.approval("v1"), stream.ratings.approval("v0")
     assert canary.ratings and canary.rate == 1.0 and live.rate == 0.0
     assert sum(given.values()) == canary.ratings + live.ratings + 2 * h2h.comparisons
+
+
+def test_the_sprt_bound_on_hand_computed_numbers() -> None:
+    # a chooser picks the canary when only it is approved, and half the time when both or neither are
+    assert win_probability(0.078, 0.75) == pytest.approx(0.078 * 0.25 + (0.078 * 0.75 + 0.922 * 0.25) / 2)
+    assert win_probability(0.5, 0.5) == 0.5
+    # 0 approvals in 3 thumbs, truth 0.1 against the null 0.75: 3 log(0.9 / 0.25); and 1 loss in 1 comparison
+    # at w = 0.2 against 1/2: log(0.8 / 0.5)
+    assert log_likelihood_ratio(0, 3, 0, 1, (0.1, 0.2), (0.75, 0.5)) == pytest.approx(
+        3 * math.log(0.9 / 0.25) + math.log(0.8 / 0.5)
+    )
+
+
+def test_the_sprt_told_the_rates_is_never_wrong_and_never_slower_than_the_judge() -> None:
+    settings = Settings(canary_share=0.1, canary_compare_share=0.0)
+    for seed in range(1, 9):
+        judged = replay(seed, settings, max_ratings=600)
+        bound = replay(seed, settings, max_ratings=600, decide=oracle)
+        assert [o.verdict for o in bound] == ["promote", "rollback"]
+        # the same users up to the first decision; the SPRT decides no later than the judge
+        assert bound[0].ratings <= judged[0].ratings
+
+
+def test_an_equal_canary_is_rarely_rolled_back_by_the_sprt() -> None:
+    """A/A for the bound: its rollback is an SPRT against 'as good as live', so Ville's alpha holds for it
+    too (told a worse rate than the truth, it looks for a difference that is not there)."""
+    settings = Settings(canary_share=0.1, canary_compare_share=0.5)
+    told = oracle({"v0": 0.5, "v1": 0.3})
+    streams, rolled_back = 200, 0
+    for seed in range(streams):
+        stream = Stream(random.Random(seed), settings, thumb_fraction=0.5, population=1000)
+        verdict, *_ = canary_run(stream, "v0", "v1", {"v0": 0.5, "v1": 0.5}, 1e6, 2.0, 600, told)
+        rolled_back += verdict == "rollback"
+    assert rolled_back / streams <= 0.05 + 2 * (0.05 * 0.95 / streams) ** 0.5
+
+
+def test_a_drill_meets_the_target_only_if_both_decisions_are_right_fast_and_the_bad_one_small() -> None:
+    good, bad = Outcome("good", "promote", 150, 0.3), Outcome("bad", "rollback", 180, 0.04)
+    assert met_target([good, bad])  # the good version's share is not limited
+    assert not met_target([good, Outcome("bad", "rollback", 201, 0.04)])
+    assert not met_target([good, Outcome("bad", "rollback", 180, 0.051)])
+    assert not met_target([Outcome("good", "undecided", 1000, 0.05), bad])
+    assert summary([[good, bad]])[-1].endswith("while canary): 100.0%; 20 of 20 in a row: 100.0%")
