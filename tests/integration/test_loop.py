@@ -88,7 +88,12 @@ def approval(url: str, model: str, prompts: list[str], n: int) -> float:
 SIGNALS = {
     "direct": {},
     # the reward model judged on its newest 64 outcomes: trusted from the third batch on when it predicts
+    # at least 60% of them. (The product's floor, 70%, sat on the edge here: in 14 runs on 2026-12-07 the
+    # tiny model's reward model predicted 0.64-0.88 of its window from the third batch on, often 45 of 64;
+    # 3 runs had a version below 0.7, one only 3 of 6 above it, and a full-suite run the day before failed
+    # with 2 of 6. The fallback below the floor has its own test, tests/unit/test_learner_signal.py.)
     "reward_model": {
+        "reward_model_min_accuracy": 0.6,
         "reward_model_window": 64,
         "rollout_prompts": 8,
         "rollout_samples": 4,
