@@ -18,7 +18,8 @@ docs/BENCHMARKS.md); a chooser takes the approved answer of two, a coin between 
 against the base, then the bad one against the good (live once promoted), each until the judge decides or
 --max-ratings pass. What the replay leaves out: the real drill's admission, the users' prompts (approval
 varies by prompt, so the real streams are burstier) and every system failure; what it gives is the test's
-error rates and the spread of ratings to a decision at a given exposure.
+error rates and the spread of ratings to a decision at a given exposure. With ``--oracle`` the decision is
+Wald's SPRT told the approval rates instead (benchmarks/canary_bound.py): the floor under any test.
 """
 
 from __future__ import annotations
@@ -212,12 +213,13 @@ def summary(runs: list[list[Outcome]]) -> list[str]:
         wrong = sum(o.verdict == WRONG[role] for o in mine)
         ratings = sorted(o.ratings for o in right)
         shares = sorted(o.canary_share_of_answers for o in right)
-        within = sum(r <= 200 for r in ratings)
+        within = sum(r <= WITHIN_RATINGS for r in ratings)
         lines.append(
             f"{role}: {len(right)}/{len(mine)} {EXPECTED[role]}, {wrong} wrong, "
             f"{len(mine) - len(right) - wrong} undecided; ratings to it median {_q(ratings, 0.5)}, "
-            f"90th percentile {_q(ratings, 0.9)}, within 200: {within}/{len(mine)}; the canary's share of "
-            f"answers median {_q(shares, 0.5, '.1%')}, 90th percentile {_q(shares, 0.9, '.1%')}; "
+            f"90th percentile {_q(ratings, 0.9)}, within {WITHIN_RATINGS}: {within}/{len(mine)}; "
+            f"the canary's share of answers median {_q(shares, 0.5, '.1%')}, "
+            f"90th percentile {_q(shares, 0.9, '.1%')}; "
             f"meeting its target: {sum(met(o) for o in mine)}/{len(mine)}"
         )
     rate = sum(met_target(run) for run in runs) / len(runs)
