@@ -19,7 +19,6 @@ loop; this picks the learner's defaults.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import thumb_event, worker_argv, worker_env
+from benchmarks.common import machine, thumb_event, worker_argv, worker_env
 from benchmarks.evaluate import Evaluator
 from learner.checkpoint import save_version
 from learner.config import LearnerSettings, PPOConfig
@@ -234,7 +233,7 @@ def run(
         "batch_size": batch_size,
         "max_tokens": max_tokens,
         "seed": seed,
-        "cpu_count": os.cpu_count(),
+        **machine(),
         "arms": {},
     }
     for name, proc in procs.items():

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.canary_adapters import train_adapters
+from benchmarks.common import machine
 from benchmarks.system import System
 from thumbtune.cli.rules import load_rule
 from thumbtune.cli.simulate import Rating, Simulator
@@ -272,7 +272,7 @@ def run(
             "population": population,
             "max_tokens": max_tokens,
             "max_ratings": max_ratings,
-            "cpu_count": os.cpu_count(),
+            **machine(),
             "canary": product | {"canary_share": canary_share, "canary_compare_share": compare_share},
         },
         "adapters": {name: t.get("evaluations") for name, t in trained.items()},

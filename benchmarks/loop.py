@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine
 from benchmarks.evaluate import Evaluator, activate_version
 from benchmarks.system import EmbeddedSystem
 from learner.config import LearnerSettings
@@ -208,8 +209,7 @@ def run(
         "eval_every": eval_every,
         "think_s": think_s,
         "canary_share": canary_share or 0.0,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        **machine(),
     }
     sim = Simulator(
         "",

@@ -24,11 +24,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 from pathlib import Path
 
-import torch
-
+from benchmarks.common import machine
 from benchmarks.loop import TARGET_APPROVAL, measure, wait_for_trained
 from benchmarks.system import EmbeddedSystem
 from learner.config import LearnerSettings
@@ -157,8 +155,7 @@ def run_arm(
         "learner": LearnerSettings(**({"rater_cap": 1.0} if arm == "caps-off" else {})).model_dump(
             mode="json"
         ),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        **machine(),
     }
     honest.report.write_jsonl(out / "ratings.jsonl")
     if attacker:

@@ -38,6 +38,7 @@ import httpx
 import torch
 from kafka import TopicPartition
 
+from benchmarks.common import machine
 from benchmarks.system import System
 from learner.checkpoint import new_state, save_version
 from learner.config import LearnerSettings
@@ -340,7 +341,7 @@ def run(
     accepted = [r.response_id for r in requests if r.feedback_status == 202 and r.response_id]
     rss = driven["rss"]
     results = {
-        "config": cfg | {"cpu_count": os.cpu_count(), "server_settings": SERVER_SETTINGS},
+        "config": cfg | machine() | {"server_settings": SERVER_SETTINGS},
         "windows": window_stats(requests, start, window_s),
         "rss_growth": rss_growth(rss, start, warmup_s),
         "rss_mb": [round(rss[0][1] / 1024) if rss else None, round(rss[-1][1] / 1024) if rss else None],
