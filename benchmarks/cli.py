@@ -117,6 +117,24 @@ def bench_kl_penalty(
         raise typer.BadParameter(str(exc)) from exc
 
 
+@app.command("exact-reward")
+def bench_exact_reward(
+    rule: str = typer.Option("concise", help=RULE_HELP),
+    updates: int = typer.Option(40, min=1, help="PPO updates on the learner's own answers."),
+    every: int = typer.Option(5, min=1, help="Evaluate the published weights every this many updates."),
+    seed: int = typer.Option(0, help="Seed of the prompt draws, the sampling and the evaluation."),
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """PPO on the learner's own answers scored by the rule itself (a reward model that is never wrong):
+    approval, KL and capability against updates and learner time, the bound for the reward-model signals."""
+    from benchmarks.exact_reward import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    try:
+        run(configure(), rule=rule, updates=updates, every=every, seed=seed, out=out)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 @app.command("loop")
 def bench_loop(
     rule: str = typer.Option("concise", help=RULE_HELP),
