@@ -120,7 +120,7 @@ def bench_kl_penalty(
 @app.command("exact-reward")
 def bench_exact_reward(
     rule: str = typer.Option("concise", help=RULE_HELP),
-    updates: int = typer.Option(40, min=1, help="PPO updates on the learner's own answers."),
+    updates: int = typer.Option(25, min=1, help="PPO updates on the learner's own answers."),
     every: int = typer.Option(5, min=1, help="Evaluate the published weights every this many updates."),
     seed: int = typer.Option(0, help="Seed of the prompt draws, the sampling and the evaluation."),
     out: Path = typer.Option(None, help="Also write the results as JSON here."),

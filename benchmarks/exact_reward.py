@@ -69,7 +69,7 @@ def run(
     settings: Settings,
     *,
     rule: str = "concise",
-    updates: int = 40,
+    updates: int = 25,
     every: int = 5,
     seed: int = 0,
     learner: LearnerSettings | None = None,
