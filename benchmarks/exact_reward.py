@@ -15,8 +15,9 @@ then one `ppo_update` (learner/update.py) and the Polyak average, exactly as `Le
 --every updates the published weights (the average) are evaluated as bench loop evaluates a version
 (benchmarks/evaluate.py): approval on the held-out prompts, mean words, KL to the base, capability.
 
-Read it against bench loop: a reward-model learner needs at least this many updates of its own answers
-(and this much learner time) to reach 80%, with a reward model that is never wrong.
+Read it against bench loop: with a reward model that is never wrong, this is how many updates of its own
+answers (and how much learner time) the same PPO needs to reach 80%; a learnt reward model's errors are
+expected to need more (run 19 against run 20 in docs/BENCHMARKS.md), not proven to.
 """
 
 from __future__ import annotations
