@@ -15,7 +15,8 @@ seeks to them (partitions the manifest does not name start at the group's commit
 earliest). The order after an update is: version durable (atomic rename) -> announced on
 ``thumbtune.adapters`` -> producer flushed -> offsets committed. Commits are only an optimisation, so a
 crash anywhere re-reads from the newest manifest: events before it are never trained again, events
-after it are never lost. A version that was saved but not announced is announced on the next start
+after it are never lost. A stop (SIGINT/SIGTERM) abandons an update before its save and finishes the
+publication of one after it. A version that was saved but not announced is announced on the next start
 (`learner.announce.announce_latest_if_missing`); event ids a producer sent twice are dropped against
 every manifest's ``event_ids`` (`Learner.admit`). The crash test stops it between save and commit with
 the test hook ``THUMBTUNE_LEARNER_TEST_PAUSE_AT`` (`KafkaLearner._pause_for_test`).
@@ -114,8 +115,8 @@ class KafkaLearner:
         self.consumed = 0
         self.lag: int | None = None
         self.stopping = False
-        self.abandoned = False
-        """An update was abandoned by a stop (under data parallelism the other ranks were inside it too)."""
+        self.interrupted = False
+        """A stop came inside an update (under data parallelism the other ranks were inside it too)."""
         self._in_update = False
         self._generation = 0  # bumped by every rewind: records polled before it are stale
         self._paused: set[str] = set()
@@ -200,7 +201,7 @@ class KafkaLearner:
                 if self.refine_left > 0 and not self.stopping and not self._batch_waiting():
                     self._refine()
         except StopRequested as stop:
-            self.abandoned = True
+            self.interrupted = True
             log.info("%s during an update: abandoned it; its events are trained after the restart", stop)
         finally:
             if self._consumer is not None:
@@ -310,14 +311,22 @@ class KafkaLearner:
         self._publish(version, 0, started, offsets)
 
     def _updating(self, update: Callable[[], str | None]) -> str | None:
-        """Run an update; a stop request meanwhile abandons it (`request_stop` raises inside it)."""
+        """Run an update; a stop request meanwhile abandons it (`request_stop` raises inside it), unless its
+        version is already durable: then that version is returned, to be announced like any other."""
+        parent = self.learner.newest
         self._in_update = True
         try:
             return update()
-        except RuntimeError as exc:
-            if self.stopping:  # data parallelism: the other ranks stopped too, failing a collective under way
-                raise StopRequested(f"stopping ({exc})") from exc
-            raise
+        except (StopRequested, RuntimeError) as exc:
+            if not self.stopping:
+                raise
+            # the RuntimeError: data parallelism, the other ranks stopped too, failing a collective under way
+            written = self.learner.store.latest()
+            if written is None or written == parent:
+                raise exc if isinstance(exc, StopRequested) else StopRequested(f"stopping ({exc})") from exc
+            self.interrupted = True  # the other ranks are inside a collective, or gone: not told to stop
+            log.info("%s after %s was saved: publishing it, then stopping", exc, written)
+            return written
         finally:
             self._in_update = False
 

@@ -24,8 +24,9 @@ The other ranks (`follow`) keep no reward model, prompts or rater window of thei
 work and only sends its outcome. A rank whose weights are not the version an update trains from (rank 0
 stepped off a refused head, or saving failed) restores that version from the adapter store first, so the
 ranks meet again on a durable state. SIGINT/SIGTERM end every rank at once: a rank 0 that is stopping
-treats a peer gone mid-update as the stop it is (nothing is committed; `thumbtune learn` re-reads from the
-newest manifest, as after any stop). A rank dies with torchrun's agent, its parent, even by SIGKILL.
+treats a peer gone mid-update as the stop it is (a version already saved is announced, nothing else is
+committed; `thumbtune learn` re-reads from the newest manifest, as after any stop). A rank dies with
+torchrun's agent, its parent, even by SIGKILL.
 
 Collectives run over gloo on CPU and NCCL on CUDA (rank r on GPU LOCAL_RANK); one process on its own
 (WORLD_SIZE unset or 1) uses `SINGLE`, whose collectives do nothing.

@@ -60,7 +60,7 @@ def _lead(settings: Settings, learner_settings: LearnerSettings, dp: DataParalle
             signal.signal(sig, handler)
         if server is not None:
             server.shutdown()
-    if not loop.abandoned:  # after an abandoned update the other ranks are inside a collective, or gone
+    if not loop.interrupted:  # after an interrupted update the other ranks are inside a collective, or gone
         loop.learner.stop_followers()
     written = " ".join(versions) or "none"
     log.info("learner stopped at %s; versions written this run: %s", loop.learner.version, written)

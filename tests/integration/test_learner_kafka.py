@@ -199,6 +199,39 @@ def test_a_stop_during_an_update_abandons_it_and_commits_nothing(
         admin.close()
 
 
+def test_a_stop_after_the_version_is_saved_still_announces_it_and_commits_its_offsets(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM between the save and the end of the update (under data parallelism: while the other ranks
+    hear of the save): the version is durable, so it goes out now rather than on the next start."""
+    import learner.trainer
+
+    produce(settings.kafka_bootstrap_servers, records_of(make_events(tiny_model_dir, tmp_path, 8, seed=4)))
+    loop = KafkaLearner(settings, learner_settings())
+    real_save = learner.trainer.save_version
+
+    def save_then_sigterm(*args: object, **kwargs: object) -> str:
+        real_save(*args, **kwargs)
+        loop.request_stop("SIGTERM")  # what the signal handler does; it raises inside an update
+        raise AssertionError("request_stop did not raise inside the update")  # pragma: no cover
+
+    monkeypatch.setattr(learner.trainer, "save_version", save_then_sigterm)
+    assert loop.run(stop_when=until(lambda: False, timeout=60)) == ["v1"]
+    assert loop.interrupted
+
+    store = LocalAdapterStore(settings.adapter_store_path)
+    assert store.versions() == ["v1"] and store.verify("v1") == []
+    announced = read_topic(settings.kafka_bootstrap_servers, ADAPTERS_TOPIC, expected=1)
+    assert [AdapterAnnouncement.from_bytes(r.value).version for r in announced] == ["v1"]
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    try:
+        committed = admin.list_group_offsets(LEARNER_GROUP)[LEARNER_GROUP]
+    finally:
+        admin.close()
+    manifest = store.read_manifest("v1")
+    assert {f"{tp.topic}:{tp.partition}": o.offset for tp, o in committed.items()} == manifest.offsets
+
+
 def test_between_human_batches_the_learner_refines_on_its_own_answers_and_accounts_for_every_rating(
     settings: Settings, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
