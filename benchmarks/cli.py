@@ -135,6 +135,31 @@ def bench_exact_reward(
         raise typer.BadParameter(str(exc)) from exc
 
 
+@app.command("reward-features")
+def bench_reward_features(
+    rules: str = typer.Option("concise,on-topic", help="Comma-separated rules to label the answers by."),
+    answers: int = typer.Option(512, min=2, help="Base answers (a multiple of rollout_samples)."),
+    batch: int = typer.Option(32, min=1, help="Answers per reward-model batch, as the learner's batches."),
+    seed: int = typer.Option(0, help="Seed of the prompt draws and the sampling."),
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+) -> None:
+    """The reward model's prequential AUC, accuracy and balanced accuracy on the base's answers, for each
+    choice of the hidden states its features read (final or middle layer, with or without the prompt)."""
+    from benchmarks.reward_features import run  # lazy: start-up time (torch), for every `thumbtune` command
+
+    try:
+        run(
+            configure(),
+            rules_=[r.strip() for r in rules.split(",") if r.strip()],
+            answers=answers,
+            batch=batch,
+            seed=seed,
+            out=out,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 @app.command("loop")
 def bench_loop(
     rule: str = typer.Option("concise", help=RULE_HELP),

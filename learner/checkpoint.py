@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from learner.average import load_trained_weights, lora_parameters
 from learner.config import LearnerSettings
-from learner.policy import ADAPTER_NAME, Policy, resolve_device, resolve_precision
+from learner.policy import ADAPTER_NAME, FEATURE_BLOCKS, Policy, resolve_device, resolve_precision
 from learner.raters import RaterWindow
 from learner.reward_model import RewardModel
 from learner.rollout import PromptPool
@@ -210,13 +210,13 @@ def new_state(policy: Policy, learner_settings: LearnerSettings) -> LearnerState
 
 
 def new_reward_model(policy: Policy, learner_settings: LearnerSettings) -> RewardModel | None:
-    """An empty reward model for the policy's base (`features` are 2 x its hidden size); None when
-    THUMBTUNE_LEARNER_REWARD_MODEL_HEADS is 0."""
+    """An empty reward model for the policy's base (`features`: FEATURE_BLOCKS x its hidden size); None
+    when THUMBTUNE_LEARNER_REWARD_MODEL_HEADS is 0."""
     if not learner_settings.reward_model_heads:
         return None
     return RewardModel(
         learner_settings.reward_model_heads,
-        2 * policy.value_head.summary.in_features,
+        FEATURE_BLOCKS * policy.value_head.summary.in_features,
         capacity=learner_settings.reward_model_capacity,
         l2=learner_settings.reward_model_l2,
         seed=learner_settings.seed,

@@ -316,25 +316,44 @@ class Policy:
         return PolicyOutput(logprobs, values, entropy, tempered_lp, log_dist)
 
 
+FEATURE_BLOCKS = 4
+"""phi is 4 blocks of the hidden size: [h_T ; hbar ; xbar ; hbar * xbar] (`features`)."""
+
+
 @torch.no_grad()
-def features(policy: Policy, batch: Batch) -> Tensor:
-    """phi(x, y) = [h_T ; 1/T sum_t h_t] per row, [B, 2H] float32: the base's (adapter off) final hidden
-    state at each response token t of T, the last one and the mean (the input of learner/reward_model.py)."""
+def features(policy: Policy, batch: Batch, layer: int | None = None, prompt: bool = True) -> Tensor:
+    """The reward model's input phi(x, y) per row, [B, FEATURE_BLOCKS x H] float32 (learner/reward_model.py).
+
+    From the base's (adapter off) hidden states h at ``layer`` (None: the middle one, L // 2 of L; -1: the
+    final, normalised one), at response tokens t of T and prompt tokens s of S:
+
+        phi(x, y) = [h_T ; hbar ; xbar ; hbar * xbar]      hbar = 1/T sum_t h_t,  xbar = 1/S sum_s h_s
+
+    the last answer token, the answer's mean, the prompt's mean and their elementwise product (a linear
+    head on it can score how an answer relates to its prompt). A middle layer's states tell a linear head
+    more than the final one's, which is shaped to predict the next token (`thumbtune bench reward-features`
+    in docs/BENCHMARKS.md). ``prompt=False``: [h_T ; hbar] alone, [B, 2H] (what phi was before).
+    """
     batch = batch.to(policy.device)
     body = policy._hf.base_model
     with policy._autocast(), policy.model.disable_adapter():
-        hidden = body(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state.float()
+        out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    middle = policy._hf.config.num_hidden_layers // 2
+    hidden = out.last_hidden_state if layer == -1 else out.hidden_states[middle if layer is None else layer]
+    hidden = hidden.float()
+    rows = torch.arange(len(batch), device=policy.device)
     t = torch.arange(batch.mask.shape[1], device=policy.device)
-    positions = batch.prompt_lens.unsqueeze(1) + t.unsqueeze(0)  # the response tokens themselves
-    positions = positions.clamp(max=hidden.shape[1] - 1)
+    positions = (batch.prompt_lens.unsqueeze(1) + t.unsqueeze(0)).clamp(max=hidden.shape[1] - 1)
     response = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     mask = batch.mask.unsqueeze(-1)
-    last = (batch.mask.sum(1).long() - 1).clamp(min=0)
-    h_last = response[torch.arange(len(batch), device=policy.device), last]
+    h_last = response[rows, (batch.mask.sum(1).long() - 1).clamp(min=0)]
     h_mean = (response * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return torch.cat([h_last, h_mean], dim=-1).cpu()
+    if not prompt:
+        return torch.cat([h_last, h_mean], dim=-1).cpu()
+    s = torch.arange(hidden.shape[1], device=policy.device)
+    in_prompt = (s.unsqueeze(0) < batch.prompt_lens.unsqueeze(1)).unsqueeze(-1)
+    x_mean = (hidden * in_prompt).sum(1) / in_prompt.sum(1).clamp(min=1)
+    return torch.cat([h_last, h_mean, x_mean, h_mean * x_mean], dim=-1).cpu()
 
 
 def _warn_if_lora_differs(stored: LoraConfig, configured: LoraConfig, version: str) -> None:

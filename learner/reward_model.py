@@ -1,9 +1,9 @@
 """The reward model: a learnt score r(x, y) of an answer y to a prompt x, from every kind of human rating.
 
 Model: an ensemble of M linear heads on the base model's hidden states (the frozen base, adapter off; never
-a second copy of its weights). With h_t the base's final hidden state at response token t of T:
+a second copy of its weights). With h the base's middle-layer states, h_t at response token t of T:
 
-    phi(x, y) = [h_T ; 1/T sum_t h_t]                       (`Policy.features`)
+    phi(x, y) = [h_T ; hbar ; xbar ; hbar * xbar]             hbar, xbar: mean h over y, x (policy `features`)
     z         = (phi - mu) / sigma                            standardised over the training answers
     r_m(x, y) = w_m . z + b_m                                 m = 1..M
 
@@ -293,11 +293,12 @@ class RewardModel:
         return torch.tensor([0.5 if y is None else y for y in labels]), point
 
     def observe(
-        self, events: list[FeedbackEvent], features: Tensor, weights: Tensor | None = None
+        self, events: list[FeedbackEvent] | list[Rated], features: Tensor, weights: Tensor | None = None
     ) -> dict[str, float]:
-        """Score ``events`` (features [B, D], rater ``weights`` [B], default 1) before training on them, then
-        keep and refit. Returns the batch's prequential figures, the run's (``run_*``) and the fit's loss."""
-        new = [Rated.of(e) for e in events]
+        """Score ``events`` (or their `Rated`s; features [B, D], rater ``weights`` [B], default 1) before
+        training on them, then keep and refit. Returns the batch's prequential figures, the run's (``run_*``)
+        and the fit's loss."""
+        new = [e if isinstance(e, Rated) else Rated.of(e) for e in events]
         known = {r.response_id for r in self.rated}
         keep = [i for i, r in enumerate(new) if r.response_id not in known]  # a repeat rates nothing new
         new, features = [new[i] for i in keep], features[keep]

@@ -29,6 +29,7 @@ whatever the answers' lengths, and freed activations are reused instead of growi
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import defaultdict
@@ -59,6 +60,8 @@ from learner.raters import RaterWindow
 from learner.reward_model import RewardModel
 from learner.rollout import PromptPool
 from thumbtune.core.divergence import exact_kl, kl_k3
+
+log = logging.getLogger(__name__)
 
 GAMMA = 1.0
 """No discount over a response's tokens: its one score arrives at the end."""
@@ -141,8 +144,17 @@ class LearnerState:
         self.length_moments.load_state_dict(state["length_moments"])
         self.generator.set_state(state["generator"])
         self.updates = int(state["updates"])
-        if self.reward_model is not None and "reward_model" in state:
-            self.reward_model.load_state_dict(state["reward_model"])
+        model = state.get("reward_model")
+        if self.reward_model is not None and model is not None:
+            if model["features"].shape[-1] == self.reward_model.ensemble.dim:
+                self.reward_model.load_state_dict(model)
+            else:  # fitted on another phi (learner/policy.py `features` changed): relearnt from new ratings
+                log.warning(
+                    "the stored reward model was fitted on %d features, today's phi has %d: starting it "
+                    "afresh (the signal stays direct until it has earned trust again)",
+                    model["features"].shape[-1],
+                    self.reward_model.ensemble.dim,
+                )
         self.prompts.load_state_dict(state.get("prompts", []))
         self.raters.load_state_dict(state.get("raters", []))
 
