@@ -336,10 +336,10 @@ def features(policy: Policy, batch: Batch, layer: int | None = None, prompt: boo
     """
     batch = batch.to(policy.device)
     body = policy._hf.base_model
+    k = policy._hf.config.num_hidden_layers // 2 if layer is None else layer
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with policy._autocast(), policy.model.disable_adapter():
-        out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-    middle = policy._hf.config.num_hidden_layers // 2
-    hidden = out.last_hidden_state if layer == -1 else out.hidden_states[middle if layer is None else layer]
+        hidden = body(**inputs).last_hidden_state if k == -1 else _states_after(body, inputs, k)
     hidden = hidden.float()
     rows = torch.arange(len(batch), device=policy.device)
     t = torch.arange(batch.mask.shape[1], device=policy.device)
@@ -354,6 +354,34 @@ def features(policy: Policy, batch: Batch, layer: int | None = None, prompt: boo
     in_prompt = (s.unsqueeze(0) < batch.prompt_lens.unsqueeze(1)).unsqueeze(-1)
     x_mean = (hidden * in_prompt).sum(1) / in_prompt.sum(1).clamp(min=1)
     return torch.cat([h_last, h_mean, x_mean, h_mean * x_mean], dim=-1).cpu()
+
+
+class _Reached(Exception):
+    """Raised by `_states_after`'s forward hook: the layer it needs has run, the rest need not."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        self.hidden = hidden
+
+
+def _states_after(body: nn.Module, inputs: dict[str, Tensor], k: int) -> Tensor:
+    """The body's hidden states after its first ``k`` decoder layers (``hidden_states[k]``; 0: the
+    embeddings). Where the body lists its layers (``body.layers``, as Llama-style models do) the forward
+    pass stops there, so the layers above cost nothing: half the pass for the middle layer."""
+    layers = getattr(body, "layers", None)
+    if k < 1 or layers is None:
+        return body(**inputs, output_hidden_states=True).hidden_states[k]
+
+    def stop(module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> None:
+        raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+    handle = layers[k - 1].register_forward_hook(stop)
+    try:
+        body(**inputs)
+    except _Reached as reached:
+        return reached.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the forward pass ended without running decoder layer {k - 1}")
 
 
 def _warn_if_lora_differs(stored: LoraConfig, configured: LoraConfig, version: str) -> None:

@@ -89,6 +89,13 @@ def test_the_features_are_the_middle_layers_last_token_and_means_of_answer_and_p
         answer, prompt = h[s : s + t].mean(0), h[:s].mean(0)
         expected = torch.cat([h[s + t - 1], answer, prompt, answer * prompt])
         torch.testing.assert_close(phi[i], expected, atol=1e-4, rtol=1e-4)
+    calls = []
+    top = body.layers[-1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        torch.testing.assert_close(features(learner.policy, batch), phi)
+    finally:
+        top.remove()
+    assert layers // 2 < layers and calls == []  # the pass stopped after the middle layer
     final = features(learner.policy, batch, layer=-1, prompt=False)  # phi before: [h_T ; hbar], final states
     assert final.shape == (len(events), 2 * 64) and not torch.allclose(final, phi[:, : 2 * 64])
 
